@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# validate-manifests.sh — check daemonset/ against a real Kubernetes API server
+# (v1.20, from scripts/k8s-testenv.sh) and against the published JSON schemas.
+#
+#   scripts/validate-manifests.sh
+#
+# Steps:
+#   1. render daemonset/ with kubectl's kustomize (kubectl 1.20 = kustomize v2.0.3,
+#      the oldest we support); no Secret and no key material may be in it;
+#   2. render the "Kubernetes older than 1.22" overlay from daemonset/README.md
+#      (maxUnavailable: 1 instead of maxSurge, which 1.20 does not know);
+#   3. kubernetes-validate --strict: daemonset/ against 1.22 and 1.28, the
+#      overlay against 1.20;
+#   4. start a throwaway etcd + kube-apiserver, apply the CRD and the Namespace for
+#      real (namespaced objects cannot be dry-run into a namespace that does not
+#      exist), then `kubectl apply -k <overlay> --dry-run=server` must succeed;
+#      daemonset/ itself is dry-run too and must fail on 1.20 only because of the
+#      surge settings;
+#   5. the AuthorizationPolicy samples in daemonset/README.md are applied for real,
+#      read back (no field pruned) and watched; an invalid action is refused;
+#   6. stop the API server (always, also on failure).
+#
+# Needs: python3 (with venv; installed with apt when missing and run as root), and
+# PyPI access the first time (kubernetes-validate goes into a venv in the cache).
+# Environment: WEFT_CACHE (see k8s-testenv.sh); WEFT_SKIP_SCHEMA=1 skips step 3
+# (e.g. without access to PyPI).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TESTENV="$ROOT/scripts/k8s-testenv.sh"
+MANIFESTS="$ROOT/daemonset"
+CACHE="${WEFT_CACHE:-${HOME:-/root}/.cache/weft}"
+KV_VERSION="1.28.3" # the last kubernetes-validate release that still ships the 1.20 schema
+KV_VENV="$CACHE/venv-kubernetes-validate-$KV_VERSION"
+
+step() { printf '\n== %s\n' "$*" >&2; }
+ok() { printf '   ok: %s\n' "$*" >&2; }
+fail() { printf 'validate-manifests: FAILED: %s\n' "$*" >&2; exit 1; }
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/weft-validate.XXXXXX")"
+envdir="$work/k8s"
+cleanup() {
+  local rc=$?
+  if [[ -d $envdir ]]; then "$TESTENV" stop "$envdir" >/dev/null 2>&1 || rc=1; fi
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+
+step "k8s-testenv install (cached after the first run)"
+"$TESTENV" install >"$work/paths"
+KUBECTL_BIN="$(sed -n 's/^kubectl=//p' "$work/paths")"
+[[ -x $KUBECTL_BIN ]] || fail "no kubectl from k8s-testenv.sh install"
+ok "$("$KUBECTL_BIN" version --client --short 2>/dev/null || true)"
+
+step "render daemonset/ (kubectl kustomize)"
+"$KUBECTL_BIN" kustomize "$MANIFESTS" >"$work/rendered.yaml"
+kinds="$(grep -E '^kind: ' "$work/rendered.yaml" | sort | tr '\n' ' ')"
+want="kind: ClusterRole kind: ClusterRoleBinding kind: ConfigMap kind: CustomResourceDefinition kind: DaemonSet kind: Namespace kind: ServiceAccount "
+[[ $kinds == "$want" ]] || fail "unexpected objects in daemonset/: $kinds"
+if grep -rqE 'PRIVATE KEY|^kind: Secret' "$MANIFESTS" "$work/rendered.yaml"; then
+  fail "daemonset/ must not contain secrets or keys"
+fi
+ok "$(grep -c '^kind: ' "$work/rendered.yaml") objects, no secrets"
+
+step "render the pre-1.22 overlay (as documented in daemonset/README.md)"
+mkdir -p "$work/pre-1.22"
+cat >"$work/pre-1.22/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+bases:
+  - $(realpath --relative-to="$work/pre-1.22" "$MANIFESTS")
+patchesJson6902:
+  - target: {group: apps, version: v1, kind: DaemonSet, name: weft, namespace: weft-system}
+    path: rolling-update.yaml
+EOF
+cat >"$work/pre-1.22/rolling-update.yaml" <<'EOF'
+- op: replace
+  path: /spec/updateStrategy/rollingUpdate
+  value:
+    maxUnavailable: 1
+EOF
+"$KUBECTL_BIN" kustomize "$work/pre-1.22" >"$work/rendered-1.20.yaml"
+grep -q 'maxSurge' "$work/rendered-1.20.yaml" && fail "overlay still has maxSurge"
+ok "overlay renders"
+
+if [[ ${WEFT_SKIP_SCHEMA:-0} == 1 ]]; then
+  step "kubernetes-validate: skipped (WEFT_SKIP_SCHEMA=1)"
+else
+  step "kubernetes-validate $KV_VERSION --strict"
+  if [[ ! -x $KV_VENV/bin/kubernetes-validate ]]; then
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+      [[ $EUID -eq 0 ]] || fail "python3 with venv is needed (Debian: apt-get install python3-venv)"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3 python3-venv >&2
+    fi
+    rm -rf "$KV_VENV"
+    python3 -m venv "$KV_VENV"
+    "$KV_VENV/bin/pip" install -q "kubernetes-validate==$KV_VERSION" ||
+      fail "pip install kubernetes-validate==$KV_VERSION failed (set WEFT_SKIP_SCHEMA=1 to skip)"
+  fi
+  for v in 1.22.0 1.28.0; do
+    "$KV_VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$work/rendered.yaml" ||
+      fail "daemonset/ does not validate against $v"
+    ok "daemonset/ against $v"
+  done
+  "$KV_VENV/bin/kubernetes-validate" --strict --quiet -k 1.20.0 "$work/rendered-1.20.yaml" ||
+    fail "pre-1.22 overlay does not validate against 1.20.0"
+  ok "pre-1.22 overlay against 1.20.0"
+fi
+
+step "start a throwaway kube-apiserver"
+"$TESTENV" start "$envdir" >/dev/null
+set -a
+# shellcheck disable=SC1091
+. "$envdir/env"
+set +a
+kc() { "$KUBECTL_BIN" --kubeconfig "$KUBECONFIG" --cache-dir "$work/kube-cache" --request-timeout=30s "$@"; }
+ok "$(kc version --short 2>/dev/null | tail -n1)"
+
+step "apply the CRD and the Namespace for real"
+kc apply -f "$MANIFESTS/crds/authorizationpolicies.security.istio.io.yaml"
+kc wait --for condition=established --timeout=60s crd/authorizationpolicies.security.istio.io
+kc apply -f "$MANIFESTS/namespace.yaml"
+
+step "server-side dry run of the pre-1.22 overlay (everything in daemonset/)"
+kc apply -k "$work/pre-1.22" --dry-run=server
+ok "accepted by kube-apiserver $(kc version --short 2>/dev/null | sed -n 's/^Server Version: //p')"
+
+step "server-side dry run of daemonset/ itself (1.20 has no DaemonSet maxSurge)"
+if kc apply -k "$MANIFESTS" --dry-run=server >"$work/base.out" 2>&1; then
+  ok "accepted (this server knows maxSurge)"
+else
+  if grep -v -E 'maxSurge|maxUnavailable|\(server dry run\)|^$' "$work/base.out" | grep -q .; then
+    cat "$work/base.out" >&2
+    fail "daemonset/ fails on 1.20 for more than the surge settings"
+  fi
+  ok "refused only for the surge settings, as documented: $(grep -m1 -oE '[^:]*maxSurge[^)]*\)?' "$work/base.out" || true)"
+fi
+
+step "README AuthorizationPolicy samples: apply, read back, watch"
+python3 - "$MANIFESTS/README.md" "$work/samples" <<'EOF'
+import re, sys, os
+text = open(sys.argv[1]).read()
+os.makedirs(sys.argv[2])
+n = 0
+for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+    if "kind: AuthorizationPolicy" in block:
+        n += 1
+        open(os.path.join(sys.argv[2], f"policy-{n}.yaml"), "w").write(block)
+if n == 0:
+    sys.exit("no AuthorizationPolicy sample in README.md")
+print(f"   {n} samples found", file=sys.stderr)
+EOF
+for f in "$work"/samples/*.yaml; do
+  ns="$(sed -n 's/^  namespace: //p' "$f")"
+  kc get namespace "$ns" >/dev/null 2>&1 || kc create namespace "$ns" >/dev/null
+done
+kc apply --dry-run=server -f "$work/samples"
+(kc get authorizationpolicies.security.istio.io -A --watch --request-timeout=10s >"$work/watch.out" 2>&1 || true) &
+watcher=$!
+sleep 2
+kc apply -f "$work/samples"
+wait "$watcher"
+for f in "$work"/samples/*.yaml; do
+  name="$(sed -n 's/^  name: //p' "$f")"
+  ns="$(sed -n 's/^  namespace: //p' "$f")"
+  grep -q "$name" "$work/watch.out" || { cat "$work/watch.out" >&2; fail "watch did not report $ns/$name"; }
+  # Every field of the sample must survive (no pruning).
+  kc get authorizationpolicy.v1.security.istio.io -n "$ns" "$name" -o json >"$work/got.json"
+  kc create --dry-run=client -f "$f" -o json >"$work/want.json"
+  python3 - "$work/want.json" "$work/got.json" <<'EOF' || fail "$ns/$name: fields lost on the way through the API server"
+import json, sys
+want = json.load(open(sys.argv[1]))["spec"]
+got = json.load(open(sys.argv[2]))["spec"]
+sys.exit(0 if want == got else f"want {want}\n got {got}")
+EOF
+  kc get authorizationpolicy.v1beta1.security.istio.io -n "$ns" "$name" >/dev/null
+done
+ok "samples stored, served as v1 and v1beta1, seen by a watch"
+bad="$work/bad-policy.yaml"
+cat >"$bad" <<'EOF'
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: default}
+spec:
+  action: PERMIT
+EOF
+if kc apply --dry-run=server -f "$bad" >/dev/null 2>&1; then
+  fail "an AuthorizationPolicy with action PERMIT was accepted"
+fi
+ok "action PERMIT refused by the CRD schema"
+
+step "all manifest checks passed"

@@ -1,0 +1,90 @@
+//! A captured pod's network namespace as the proxy uses it: a socket factory whose sockets are
+//! created inside the namespace, and the capture (rules + routes) installed there.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{CaptureError, Netns, PodCapture, RouteParams, RuleParams};
+use crate::config::Settings;
+use crate::proxy::socket::{ListenOptions, LocalSockets, SocketFactory};
+
+/// Sockets made by the namespace's worker thread: they live in the pod's namespace, so
+/// listeners see the pod's traffic and upstream connections leave with the pod's address.
+#[derive(Debug)]
+struct NetnsSockets {
+    netns: Netns,
+    local: LocalSockets,
+}
+
+fn worker_error(e: CaptureError) -> io::Error {
+    io::Error::other(e)
+}
+
+impl SocketFactory for NetnsSockets {
+    fn tcp(&self, ip: IpAddr) -> io::Result<socket2::Socket> {
+        let local = self.local.clone();
+        self.netns
+            .run(move || local.tcp(ip))
+            .map_err(worker_error)?
+    }
+
+    fn listen(&self, addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener> {
+        let local = self.local.clone();
+        self.netns
+            .run(move || local.listen(addr, opts))
+            .map_err(worker_error)?
+    }
+}
+
+pub struct PodNetwork {
+    netns: Netns,
+    rules: RuleParams,
+    routes: RouteParams,
+    ipv6: bool,
+}
+
+impl PodNetwork {
+    pub fn open(path: &Path, settings: &Settings) -> Result<Self, CaptureError> {
+        let netns = Netns::open(path)?;
+        let ipv6 = netns.has_ipv6();
+        let rules = RuleParams {
+            outbound_port: settings.ports.outbound,
+            inbound_plain_port: settings.ports.inbound_plaintext,
+            hbone_port: settings.ports.hbone,
+            mark: settings.mark,
+            ..RuleParams::default()
+        };
+        rules.validate()?;
+        Ok(PodNetwork {
+            netns,
+            rules,
+            routes: RouteParams::default(),
+            ipv6,
+        })
+    }
+
+    pub fn sockets(&self) -> Arc<dyn SocketFactory> {
+        Arc::new(NetnsSockets {
+            netns: self.netns.clone(),
+            local: LocalSockets {
+                mark: Some(self.rules.mark),
+            },
+        })
+    }
+
+    pub fn has_ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// Starts redirecting the pod's traffic. Call once the listeners are up.
+    pub fn install(&self) -> Result<(), CaptureError> {
+        PodCapture::install(&self.netns, &self.rules, &self.routes)
+    }
+
+    /// Stops redirecting; the pod's traffic flows uncaptured again.
+    pub fn uninstall(&self) -> Result<(), CaptureError> {
+        PodCapture::uninstall(&self.netns, &self.rules, &self.routes)
+    }
+}

@@ -1,0 +1,113 @@
+//! The client side of HBONE: TLS + HTTP/2 handshake on a connected socket, keepalive, and
+//! opening CONNECT streams.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::StatusCode;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::wire::{self, ConnectRequest};
+use super::{H2Stream, HboneError};
+use crate::config::H2Tuning;
+
+/// Bounds the TLS + HTTP/2 handshake so a silent peer cannot hold a pool slot forever.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A live HTTP/2 connection to a peer's HBONE port.
+pub struct TunnelConnection {
+    pub sender: SendRequest<Bytes>,
+    /// Set when the connection's driver has finished: no new streams can use it.
+    pub closed: Arc<AtomicBool>,
+}
+
+impl TunnelConnection {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// TLS then HTTP/2 over `tcp`, then a driver task (with PING keepalive) owns the connection.
+pub async fn handshake(
+    tcp: TcpStream,
+    tls: Arc<ClientConfig>,
+    tuning: &H2Tuning,
+) -> Result<TunnelConnection, HboneError> {
+    let peer: SocketAddr = tcp.peer_addr().map_err(|source| HboneError::Connect {
+        target: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let fut = async {
+        let tls_stream = TlsConnector::from(tls)
+            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+            .await
+            .map_err(|source| HboneError::Handshake { peer, source })?;
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(tuning.stream_window)
+            .initial_connection_window_size(tuning.connection_window)
+            .max_frame_size(tuning.max_frame_size)
+            .max_send_buffer_size(tuning.stream_window as usize)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls_stream)
+            .await?;
+        Ok::<_, HboneError>((sender, conn))
+    };
+    let (sender, mut conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| HboneError::Timeout(HANDSHAKE_TIMEOUT, "for the HBONE handshake"))??;
+    let closed = Arc::new(AtomicBool::new(false));
+    let done = closed.clone();
+    let ping = conn.ping_pong();
+    let (interval, timeout) = (tuning.keepalive_interval, tuning.keepalive_timeout);
+    tokio::spawn(async move {
+        let keepalive = async move {
+            let Some(mut ping) = ping else {
+                return std::future::pending::<()>().await;
+            };
+            loop {
+                tokio::time::sleep(interval).await;
+                match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "keepalive ping failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "keepalive ping timed out; closing the tunnel connection");
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            r = &mut conn => if let Err(e) = r { debug!(%peer, error = %e, "tunnel connection ended") },
+            () = keepalive => {}
+        }
+        done.store(true, Ordering::Release);
+    });
+    Ok(TunnelConnection { sender, closed })
+}
+
+/// Sends CONNECT and waits for the answer; anything but 200 is an error.
+pub async fn open_stream(
+    sender: &SendRequest<Bytes>,
+    req: &ConnectRequest,
+) -> Result<H2Stream, HboneError> {
+    let mut ready = sender.clone().ready().await?;
+    let (response, send) = ready.send_request(wire::connect_request(req), false)?;
+    let response = response.await?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Refused(response.status()));
+    }
+    Ok(H2Stream {
+        send,
+        recv: response.into_body(),
+    })
+}

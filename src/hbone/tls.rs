@@ -1,0 +1,391 @@
+//! TLS for HBONE: TLS 1.3 only, AES-GCM, ALPN `h2`, mutual authentication by SPIFFE identity.
+//!
+//! Peers are named by identity, not by DNS, so both verifiers here check the chain against the
+//! mesh roots with webpki and then compare SPIFFE URI SANs:
+//! - the server accepts a client whose chain verifies and whose trust domain is its own;
+//! - the client accepts a server that presents one of the identities it expects.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
+    OtherError, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use tracing::warn;
+
+use crate::identity::cert::spiffe_identities;
+use crate::identity::{CertManager, Identity};
+
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The one crypto provider weft uses: aws-lc-rs restricted to TLS 1.3 AES-GCM suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.retain(|s| {
+        matches!(
+            s.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        )
+    });
+    Arc::new(p)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("no usable root certificate: {0}")]
+    Roots(String),
+    #[error("building the TLS configuration: {0}")]
+    Config(#[from] TlsError),
+}
+
+/// The mesh trust: roots, trust domain and provider. Builds client and server configurations.
+pub struct TlsContext {
+    provider: Arc<CryptoProvider>,
+    roots: Arc<Vec<TrustAnchor<'static>>>,
+    trust_domain: String,
+    certs: Arc<CertManager>,
+}
+
+impl std::fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsContext")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+impl TlsContext {
+    pub fn new(
+        provider: Arc<CryptoProvider>,
+        certs: Arc<CertManager>,
+        trust_domain: String,
+    ) -> Result<Self, TlsSetupError> {
+        let roots = certs
+            .roots()
+            .iter()
+            .map(|der| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| TlsSetupError::Roots(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if roots.is_empty() {
+            return Err(TlsSetupError::Roots("the root bundle is empty".into()));
+        }
+        Ok(TlsContext {
+            provider,
+            roots: Arc::new(roots),
+            trust_domain,
+            certs,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn cert_manager(&self) -> &Arc<CertManager> {
+        &self.certs
+    }
+
+    /// Server side of HBONE for a workload with identity `local`.
+    pub fn server_config(&self, local: Identity) -> Result<Arc<ServerConfig>, TlsSetupError> {
+        let verifier = Arc::new(TrustDomainClientVerifier {
+            chain: ChainVerifier::new(self),
+            trust_domain: self.trust_domain.clone(),
+        });
+        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(CurrentCertificate {
+                identity: local,
+                certs: self.certs.clone(),
+            }));
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // HBONE connections are long-lived and pooled; tickets would only cost CPU.
+        cfg.send_tls13_tickets = 0;
+        Ok(Arc::new(cfg))
+    }
+
+    /// Client side of HBONE: presents `local`'s certificate and accepts a server only if it
+    /// proves one of `expected`.
+    pub fn client_config(
+        &self,
+        local: Identity,
+        expected: Vec<Identity>,
+    ) -> Result<Arc<ClientConfig>, TlsSetupError> {
+        let verifier = Arc::new(ExpectedIdentityServerVerifier {
+            chain: ChainVerifier::new(self),
+            expected,
+        });
+        let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(CurrentCertificate {
+                identity: local,
+                certs: self.certs.clone(),
+            }));
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        cfg.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// The peer's identities as proven by a completed handshake.
+pub fn peer_identities(certs: Option<&[CertificateDer<'_>]>) -> Vec<Identity> {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| spiffe_identities(leaf).ok())
+        .unwrap_or_default()
+}
+
+/// Serves whatever certificate the manager currently holds for the identity, so a renewal takes
+/// effect on the next handshake without rebuilding configurations.
+#[derive(Debug)]
+struct CurrentCertificate {
+    identity: Identity,
+    certs: Arc<CertManager>,
+}
+
+impl CurrentCertificate {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        match self.certs.certificate(&self.identity) {
+            Ok(c) => Some(c.certified_key.clone()),
+            Err(e) => {
+                warn!(identity = %self.identity, error = %e, "no certificate to present");
+                None
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CurrentCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for CurrentCertificate {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertManager")
+    }
+}
+
+/// Chain verification shared by both directions: webpki against the mesh roots, then the
+/// SPIFFE identities of the leaf.
+#[derive(Debug, Clone)]
+struct ChainVerifier {
+    roots: Arc<Vec<TrustAnchor<'static>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ChainVerifier {
+    fn new(ctx: &TlsContext) -> Self {
+        ChainVerifier {
+            roots: ctx.roots.clone(),
+            algorithms: ctx.provider.signature_verification_algorithms,
+        }
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<Vec<Identity>, TlsError> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
+        let ids = spiffe_identities(end_entity)
+            .map_err(|e| TlsError::InvalidCertificate(CertificateError::Other(other(e))))?;
+        if ids.is_empty() {
+            return Err(refuse("peer certificate carries no SPIFFE identity".into()));
+        }
+        Ok(ids)
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> OtherError {
+    OtherError(Arc::new(e))
+}
+
+/// An identity check that failed after the chain was fine. Logged by the caller with context.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct IdentityRefused(pub String);
+
+fn refuse(reason: String) -> TlsError {
+    TlsError::InvalidCertificate(CertificateError::Other(other(IdentityRefused(reason))))
+}
+
+fn webpki_error(e: webpki::Error) -> TlsError {
+    use webpki::Error as W;
+    let ce = match e {
+        W::BadDer | W::BadDerTime => CertificateError::BadEncoding,
+        W::CertExpired { .. } => CertificateError::Expired,
+        W::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        W::UnknownIssuer => CertificateError::UnknownIssuer,
+        W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        other_err => CertificateError::Other(other(other_err)),
+    };
+    TlsError::InvalidCertificate(ce)
+}
+
+#[derive(Debug)]
+struct TrustDomainClientVerifier {
+    chain: ChainVerifier,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for TrustDomainClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        let ids = self.chain.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        if ids.iter().any(|id| id.trust_domain == self.trust_domain) {
+            return Ok(ClientCertVerified::assertion());
+        }
+        let seen: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        Err(refuse(format!(
+            "client identity {} is not in trust domain {}",
+            seen.join(","),
+            self.trust_domain
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.chain.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.algorithms.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct ExpectedIdentityServerVerifier {
+    chain: ChainVerifier,
+    expected: Vec<Identity>,
+}
+
+impl ServerCertVerifier for ExpectedIdentityServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let ids = self.chain.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        if ids.iter().any(|id| self.expected.contains(id)) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let seen: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        let want: Vec<String> = self.expected.iter().map(ToString::to_string).collect();
+        Err(refuse(format!(
+            "server identity {} is not one of the expected {}",
+            seen.join(","),
+            want.join(",")
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.chain.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.algorithms.supported_schemes()
+    }
+}

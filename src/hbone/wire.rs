@@ -1,0 +1,178 @@
+//! The HBONE request on the wire: an HTTP/2 CONNECT whose `:authority` is the destination
+//! `ip:port`, plus `forwarded`, `baggage` and `traceparent` headers. One place builds it and one
+//! place checks it.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderValue, Method, Request, StatusCode};
+
+/// What a client says about the connection it is tunnelling.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    /// The destination the tunnel should reach: `<pod ip>:<app port>`.
+    pub authority: SocketAddr,
+    /// The original client address, for `forwarded: for=`.
+    pub client: SocketAddr,
+    /// W3C baggage with the source's metadata.
+    pub baggage: String,
+}
+
+/// A request the server refuses before doing anything, with the status that says why.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {reason}")]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn bad_request(reason: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `ip:port`, with IPv6 in brackets, as `:authority` and `forwarded` want it.
+pub fn host_port(addr: SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V4(ip) => format!("{ip}:{}", addr.port()),
+        IpAddr::V6(ip) => format!("[{ip}]:{}", addr.port()),
+    }
+}
+
+fn traceparent() -> String {
+    let trace: u128 = rand::random::<u128>() | 1;
+    let span: u64 = rand::random::<u64>() | 1;
+    format!("00-{trace:032x}-{span:016x}-00")
+}
+
+/// Builds the CONNECT request. h2 turns `authority` into `:authority` and sends no `:scheme` or
+/// `:path` for CONNECT.
+pub fn connect_request(req: &ConnectRequest) -> Request<()> {
+    let mut r = Request::new(());
+    *r.method_mut() = Method::CONNECT;
+    // An authority-form URI: never fails for a formatted socket address.
+    *r.uri_mut() = http::Uri::builder()
+        .authority(host_port(req.authority))
+        .build()
+        .unwrap_or_default();
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("for=\"{}\"", host_port(req.client))) {
+        h.insert("forwarded", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&req.baggage) {
+        h.insert("baggage", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&traceparent()) {
+        h.insert("traceparent", v);
+    }
+    r
+}
+
+/// Checks an incoming request: CONNECT, an `ip:port` authority, and that ip is the address the
+/// tunnel arrived on (a pod only tunnels to itself). Returns the destination.
+pub fn validate<B>(req: &Request<B>, arrived_on: IpAddr) -> Result<SocketAddr, Refusal> {
+    if req.method() != Method::CONNECT {
+        return Err(Refusal::bad_request(format!(
+            "method {} is not CONNECT",
+            req.method()
+        )));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| Refusal::bad_request("CONNECT without :authority"))?;
+    let dest: SocketAddr = authority.as_str().parse().map_err(|_| {
+        Refusal::bad_request(format!("authority {:?} is not ip:port", authority.as_str()))
+    })?;
+    if canonical(dest.ip()) != canonical(arrived_on) {
+        return Err(Refusal::bad_request(format!(
+            "authority {dest} does not match the address the tunnel arrived on ({arrived_on})"
+        )));
+    }
+    Ok(dest)
+}
+
+/// IPv4-mapped IPv6 (from a dual-stack listener) compares equal to the IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The `forwarded: for="ip:port"` address, if present and well-formed.
+pub fn forwarded_for<B>(req: &Request<B>) -> Option<SocketAddr> {
+    let v = req.headers().get("forwarded")?.to_str().ok()?;
+    v.split(';')
+        .flat_map(|p| p.split(','))
+        .filter_map(|kv| kv.trim().strip_prefix("for="))
+        .map(|s| s.trim_matches('"'))
+        .find_map(|s| s.parse().ok())
+}
+
+/// W3C baggage carrying the source's metadata, in the keys Istio uses.
+pub fn baggage(cluster: &str, namespace: &str, workload: &str, app: &str, version: &str) -> String {
+    format!(
+        "k8s.cluster.name={cluster},k8s.namespace.name={namespace},k8s.deployment.name={workload},service.name={app},service.version={version}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, authority: &str) -> Request<()> {
+        let mut r = Request::new(());
+        *r.method_mut() = method;
+        *r.uri_mut() = http::Uri::builder().authority(authority).build().unwrap();
+        r
+    }
+
+    #[test]
+    fn accepts_matching_connect() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let d = validate(&req(Method::CONNECT, "10.0.0.1:80"), ip).unwrap();
+        assert_eq!(d, "10.0.0.1:80".parse().unwrap());
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert!(validate(&req(Method::CONNECT, "[fd00::1]:80"), v6).is_ok());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert!(validate(&req(Method::CONNECT, "10.0.0.1:80"), mapped).is_ok());
+    }
+
+    #[test]
+    fn refuses_the_rest_with_400() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for r in [
+            req(Method::GET, "10.0.0.1:80"),
+            req(Method::CONNECT, "10.0.0.2:80"),
+            req(Method::CONNECT, "example.com:80"),
+            req(Method::CONNECT, "10.0.0.1"),
+        ] {
+            assert_eq!(
+                validate(&r, ip).unwrap_err().status,
+                StatusCode::BAD_REQUEST
+            );
+        }
+    }
+
+    #[test]
+    fn request_has_wire_headers() {
+        let r = connect_request(&ConnectRequest {
+            authority: "[fd00::2]:8080".parse().unwrap(),
+            client: "10.0.0.9:5555".parse().unwrap(),
+            baggage: baggage("c", "ns", "w", "a", "v"),
+        });
+        assert_eq!(r.method(), Method::CONNECT);
+        assert_eq!(r.uri().authority().unwrap().as_str(), "[fd00::2]:8080");
+        assert_eq!(forwarded_for(&r), Some("10.0.0.9:5555".parse().unwrap()));
+        let tp = r.headers()["traceparent"].to_str().unwrap();
+        assert_eq!(tp.len(), 55);
+        assert!(r.headers()["baggage"]
+            .to_str()
+            .unwrap()
+            .contains("k8s.namespace.name=ns"));
+    }
+}

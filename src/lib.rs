@@ -1,0 +1,16 @@
+//! weft: a node-level L4 tunnel for ambient service meshes.
+//!
+//! One weft per node captures the TCP traffic of the node's enrolled pods from inside their
+//! network namespaces and carries it to the destination node in HBONE (HTTP/2 CONNECT over
+//! mutual TLS with SPIFFE identities), enforcing L4 authorization on arrival.
+
+pub mod admin;
+pub mod authz;
+pub mod capture;
+pub mod config;
+pub mod hbone;
+pub mod identity;
+pub mod metrics;
+pub mod node;
+pub mod proxy;
+pub mod state;

@@ -1,0 +1,221 @@
+//! The `weft` command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter};
+
+use weft::admin::LogControl;
+use weft::config::Settings;
+use weft::identity::CertificateAuthority;
+use weft::node::{Node, Sources};
+
+#[derive(Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "Node-level L4 tunnel for ambient service meshes (HBONE, mTLS, L4 policy)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Run(Box<RunArgs>),
+    /// Certificate authority tools.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new root CA (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Local configuration file (ztunnel's local-config YAML shape), watched for changes.
+    #[arg(long, env = "WEFT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory holding ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem.
+    #[arg(long, env = "WEFT_CA_DIR", default_value = "/etc/weft/ca")]
+    ca_dir: PathBuf,
+    /// This node's name; workloads on other nodes are never captured here.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, env = "WEFT_CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "istio-system")]
+    root_namespace: String,
+    /// SO_MARK on weft's own sockets (hex with 0x, or decimal).
+    #[arg(long, env = "WEFT_MARK", default_value = "0x539", value_parser = parse_u32)]
+    mark: u32,
+    #[arg(long, env = "WEFT_OUTBOUND_PORT", default_value_t = 15001)]
+    outbound_port: u16,
+    #[arg(long, env = "WEFT_INBOUND_PLAINTEXT_PORT", default_value_t = 15006)]
+    inbound_plaintext_port: u16,
+    #[arg(long, env = "WEFT_HBONE_PORT", default_value_t = 15008)]
+    hbone_port: u16,
+    #[arg(long, env = "WEFT_ADMIN_PORT", default_value_t = 15000)]
+    admin_port: u16,
+    #[arg(long, env = "WEFT_METRICS_PORT", default_value_t = 15020)]
+    metrics_port: u16,
+    #[arg(long, env = "WEFT_READINESS_PORT", default_value_t = 15021)]
+    readiness_port: u16,
+    /// Address for the metrics and readiness listeners (admin is always 127.0.0.1).
+    #[arg(long, env = "WEFT_NODE_BIND", default_value = "0.0.0.0")]
+    node_bind: std::net::IpAddr,
+    /// Workload certificate lifetime in seconds (renewed at half-life).
+    #[arg(long, env = "WEFT_CERT_TTL_SECONDS", default_value_t = 86400)]
+    cert_ttl_seconds: u64,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, env = "WEFT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+    /// Connections to apps keep the client's source IP (needs CAP_NET_ADMIN).
+    #[arg(long, env = "WEFT_PRESERVE_SOURCE_IP", default_value_t = true, action = clap::ArgAction::Set)]
+    preserve_source_ip: bool,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "plain")]
+    log_format: LogFormat,
+    /// Seconds live connections get to finish on shutdown.
+    #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 30)]
+    drain_seconds: u64,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?}: {e}"))
+}
+
+impl RunArgs {
+    fn settings(&self) -> Settings {
+        let mut s = Settings {
+            mark: self.mark,
+            node_name: self.node_name.clone(),
+            trust_domain: self.trust_domain.clone(),
+            cluster_id: self.cluster_id.clone(),
+            root_namespace: self.root_namespace.clone(),
+            ca_dir: self.ca_dir.clone(),
+            cert_ttl: Duration::from_secs(self.cert_ttl_seconds),
+            node_bind: self.node_bind,
+            preserve_source_ip: self.preserve_source_ip,
+            ..Settings::default()
+        };
+        s.ports.outbound = self.outbound_port;
+        s.ports.inbound_plaintext = self.inbound_plaintext_port;
+        s.ports.hbone = self.hbone_port;
+        s.ports.admin = self.admin_port;
+        s.ports.metrics = self.metrics_port;
+        s.ports.readiness = self.readiness_port;
+        s
+    }
+}
+
+/// Logging to stderr with a filter that /logging can change at run time.
+fn init_logging(format: LogFormat) -> LogControl {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Plain => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+    Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("bad filter {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let log_control = init_logging(args.log_format);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = args.worker_threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build().context("starting the runtime")?;
+    rt.block_on(async move {
+        let settings = args.settings();
+        let node = Node::start(
+            settings,
+            Sources {
+                config_file: args.config.clone(),
+            },
+            None,
+            Some(log_control),
+        )
+        .await?;
+        shutdown_signal().await;
+        tracing::info!(drain_seconds = args.drain_seconds, "shutting down");
+        node.shutdown(Duration::from_secs(args.drain_seconds)).await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // kube and rcgen may pull in ring too; pick aws-lc-rs explicitly so rustls never has to guess.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match cli.command {
+        Command::Run(args) => run(*args),
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => {
+            CertificateAuthority::init(&dir, &trust_domain)?;
+            println!("created a root CA in {}", dir.display());
+            Ok(())
+        }
+        Command::Version => {
+            println!("weft {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

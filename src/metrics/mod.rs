@@ -1,0 +1,184 @@
+//! Prometheus metrics with Istio's names and labels, so existing dashboards work unchanged.
+//!
+//! Per-connection label sets are resolved once, when a connection starts (see
+//! [`connection::ConnectionGuard`]); the data path then bumps a plain atomic per read.
+
+pub mod access_log;
+pub mod connection;
+pub mod labels;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+pub use labels::ConnLabels;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    #[allow(non_camel_case_types)]
+    accepted,
+    #[allow(non_camel_case_types)]
+    rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+/// Every metric weft exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_opened: Family<ConnLabels, Counter>,
+    pub connections_closed: Family<ConnLabels, Counter>,
+    pub connections_failed: Family<ConnLabels, Counter>,
+    pub sent_bytes: Family<ConnLabels, Counter>,
+    pub received_bytes: Family<ConnLabels, Counter>,
+    pub captured_pods: Gauge,
+    pub policies: Gauge,
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+    pub connections_closed_by_policy: Counter,
+    pub certificate_expiry_seconds: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
+    pub open_fds: Gauge,
+    pub worker_threads: Gauge,
+    /// Serialises scrapes so the process gauges are set and read as one.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            connections_failed: Family::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            captured_pods: Gauge::default(),
+            policies: Gauge::default(),
+            config_reloads: Family::default(),
+            connections_closed_by_policy: Counter::default(),
+            certificate_expiry_seconds: Family::default(),
+            open_fds: Gauge::default(),
+            worker_threads: Gauge::default(),
+            scrape: Mutex::new(()),
+            registry: Registry::default(),
+        };
+        // Istio's names; prometheus-client appends `_total` to counters.
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            m.connections_opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            m.connections_closed.clone(),
+        );
+        istio.register(
+            "tcp_connections_failed",
+            "TCP connections that failed (denied, upstream unreachable, tunnel refused)",
+            m.connections_failed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes sent during response (server to client)",
+            m.sent_bytes.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes received during request (client to server)",
+            m.received_bytes.clone(),
+        );
+        let weft = registry.sub_registry_with_prefix("weft");
+        weft.register(
+            "captured_pods",
+            "Pods captured by this node",
+            m.captured_pods.clone(),
+        );
+        weft.register(
+            "policies",
+            "Authorization policies in force",
+            m.policies.clone(),
+        );
+        weft.register(
+            "config_reloads",
+            "Configuration reloads by outcome",
+            m.config_reloads.clone(),
+        );
+        weft.register(
+            "connections_closed_by_policy",
+            "Live connections closed because a policy change denies them",
+            m.connections_closed_by_policy.clone(),
+        );
+        weft.register(
+            "certificate_expiry_seconds",
+            "Seconds until each workload certificate expires",
+            m.certificate_expiry_seconds.clone(),
+        );
+        let process = registry.sub_registry_with_prefix("process");
+        process.register("open_fds", "Open file descriptors", m.open_fds.clone());
+        let rt = registry.sub_registry_with_prefix("tokio");
+        rt.register(
+            "workers",
+            "Runtime worker threads",
+            m.worker_threads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text format (OpenMetrics when `openmetrics` is asked for).
+    pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(dir.count() as i64);
+        }
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            self.worker_threads.set(h.metrics().num_workers() as i64);
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        if !openmetrics {
+            // The classic text format has no `# EOF` terminator.
+            if let Some(stripped) = out.strip_suffix("# EOF\n") {
+                out.truncate(stripped.len());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn record_reload(&self, ok: bool) {
+        let outcome = if ok {
+            Outcome::accepted
+        } else {
+            Outcome::rejected
+        };
+        self.config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+}
+
+impl crate::state::local::ReloadObserver for Metrics {
+    fn reloaded(&self, ok: bool) {
+        self.record_reload(ok);
+    }
+}

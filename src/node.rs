@@ -1,0 +1,210 @@
+//! The node agent: wires state sources, certificates, the proxy, enrollment and the admin
+//! endpoints into one running weft.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::admin::{self, AdminState, Endpoints, LogControl, Readiness};
+use crate::capture::enroll::Enroller;
+use crate::config::Settings;
+use crate::hbone::pool::Pool;
+use crate::hbone::tls::{self, TlsContext};
+use crate::identity::{CertManager, CertificateAuthority, CertificateSigner};
+use crate::metrics::Metrics;
+use crate::proxy::tracker::ConnectionTracker;
+use crate::proxy::{authorize, ProxyContext};
+use crate::state::local::{self, Defaults};
+use crate::state::StateStore;
+
+/// Where configuration comes from.
+#[derive(Default)]
+pub struct Sources {
+    /// ztunnel-shaped local YAML, watched.
+    pub config_file: Option<PathBuf>,
+}
+
+/// A running weft.
+pub struct Node {
+    pub ctx: Arc<ProxyContext>,
+    pub enroller: Arc<Enroller>,
+    pub readiness: Arc<Readiness>,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts everything. The signer defaults to the built-in CA in `settings.ca_dir`.
+    pub async fn start(
+        settings: Settings,
+        sources: Sources,
+        signer: Option<Arc<dyn CertificateSigner>>,
+        log_control: Option<LogControl>,
+    ) -> anyhow::Result<Node> {
+        let settings = Arc::new(settings);
+        let signer: Arc<dyn CertificateSigner> =
+            match signer {
+                Some(s) => s,
+                None => Arc::new(CertificateAuthority::load(&settings.ca_dir).with_context(
+                    || format!("loading the CA from {}", settings.ca_dir.display()),
+                )?),
+            };
+        let provider = tls::provider();
+        let certs = Arc::new(CertManager::new(
+            signer,
+            provider.clone(),
+            settings.cert_ttl,
+        ));
+        let tls = Arc::new(TlsContext::new(
+            provider,
+            certs.clone(),
+            settings.trust_domain.clone(),
+        )?);
+        let metrics = Arc::new(Metrics::new());
+        let state = StateStore::new(settings.root_namespace.clone());
+        let readiness = Arc::new(Readiness::default());
+        let mut tasks = Vec::new();
+
+        if let Some(path) = &sources.config_file {
+            readiness.pending("local config");
+            let defaults = Defaults {
+                trust_domain: settings.trust_domain.clone(),
+                cluster_id: settings.cluster_id.clone(),
+            };
+            // The first load must succeed: starting with a broken file would start with nothing.
+            let data = local::load(path, &defaults)?;
+            state.replace_source(local::SOURCE, data);
+            metrics.record_reload(true);
+            readiness.done("local config");
+            tasks.push(tokio::spawn(local::watch(
+                path.clone(),
+                defaults,
+                state.clone(),
+                metrics.clone(),
+            )));
+        }
+
+        let pool = Pool::new(
+            settings.h2.max_streams_per_connection,
+            settings.h2.pool_idle_timeout,
+        );
+        tasks.push(tokio::spawn(pool.clone().run_reaper()));
+        tasks.push(tokio::spawn(certs.clone().run_renewals()));
+        let ctx = Arc::new(ProxyContext {
+            settings: settings.clone(),
+            state: state.clone(),
+            tls,
+            pool,
+            metrics: metrics.clone(),
+            tracker: Arc::new(ConnectionTracker::default()),
+        });
+
+        let enroller = Enroller::new(ctx.clone(), settings.node_name.clone());
+        readiness.pending("workload listeners");
+        let failures = enroller.reconcile(&state.snapshot());
+        if failures == 0 {
+            readiness.done("workload listeners");
+        }
+        {
+            let (enroller, readiness) = (enroller.clone(), readiness.clone());
+            tasks.push(tokio::spawn(async move {
+                // Ready once a reconcile has captured everything it was asked to.
+                while enroller.reconcile(&enroller_state(&enroller)) > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                readiness.done("workload listeners");
+                enroller.run().await;
+            }));
+        }
+        tasks.push(tokio::spawn(revalidate_on_change(ctx.clone())));
+
+        let captured = {
+            let enroller = enroller.clone();
+            Arc::new(move || serde_json::to_value(enroller.summaries()).unwrap_or_default())
+        };
+        let admin_state = Arc::new(AdminState {
+            state,
+            certs,
+            metrics,
+            readiness: readiness.clone(),
+            captured,
+            log_control,
+        });
+        let p = &settings.ports;
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (admin_addr, t1) = admin::serve(
+            SocketAddr::new(loopback, p.admin),
+            Endpoints::Admin,
+            admin_state.clone(),
+        )
+        .await
+        .with_context(|| format!("binding admin port {}", p.admin))?;
+        let (metrics_addr, t2) = admin::serve(
+            SocketAddr::new(settings.node_bind, p.metrics),
+            Endpoints::Metrics,
+            admin_state.clone(),
+        )
+        .await
+        .with_context(|| format!("binding metrics port {}", p.metrics))?;
+        let (readiness_addr, t3) = admin::serve(
+            SocketAddr::new(settings.node_bind, p.readiness),
+            Endpoints::Readiness,
+            admin_state,
+        )
+        .await
+        .with_context(|| format!("binding readiness port {}", p.readiness))?;
+        tasks.extend([t1, t2, t3]);
+        info!(%admin_addr, %metrics_addr, %readiness_addr, "weft started");
+        Ok(Node {
+            ctx,
+            enroller,
+            readiness,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
+            tasks,
+        })
+    }
+
+    /// Stops accepting (capture rules stay for the next weft), and gives live connections `grace` to end.
+    pub async fn shutdown(self, grace: Duration) {
+        self.enroller.stop_listening();
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.ctx.tracker.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn enroller_state(e: &Enroller) -> Arc<crate::state::Snapshot> {
+    e.context().state.snapshot()
+}
+
+/// After every state change, closes live connections the new policies no longer allow.
+async fn revalidate_on_change(ctx: Arc<ProxyContext>) {
+    let mut changes = ctx.state.subscribe();
+    while changes.changed().await.is_ok() {
+        let snap = ctx.state.snapshot();
+        let closed = ctx.tracker.revoke(|c| {
+            snap.workload_by_uid(&c.destination_uid)
+                .is_some_and(|w| authorize::check(&snap, w, c).is_ok())
+        });
+        if closed > 0 {
+            info!(
+                closed,
+                generation = snap.generation,
+                "closed connections that the new policies deny"
+            );
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The one place the proxy asks authorization for a verdict.
+
+use tracing::info;
+
+use super::tracker::AdmittedConnection;
+use crate::authz::{ConnFacts, Target, Verdict};
+use crate::state::{Snapshot, Workload};
+
+/// Allowed, or denied with the reason (the policy that decided).
+pub fn check(snap: &Snapshot, dest: &Workload, conn: &AdmittedConnection) -> Result<(), String> {
+    let principal = conn.source_identity.as_ref().map(|i| i.principal());
+    let facts = ConnFacts {
+        source_ip: conn.source_ip,
+        source_principal: principal.as_deref(),
+        source_namespace: conn.source_identity.as_ref().map(|i| i.namespace.as_str()),
+        destination_ip: conn.destination_ip,
+        destination_port: conn.destination_port,
+    };
+    let target = Target {
+        namespace: &dest.namespace,
+        labels: &dest.labels,
+        policy_names: &dest.authorization_policies,
+    };
+    let decision = snap.policies.evaluate(&target, &facts);
+    for d in &decision.dry_run {
+        info!(policy = %d.policy, would_allow = d.would_allow, src = %conn.source_ip,
+            dst = %format!("{}:{}", conn.destination_ip, conn.destination_port), "dry-run policy evaluated");
+    }
+    match decision.verdict {
+        Verdict::Allow { .. } => Ok(()),
+        Verdict::Deny { by: Some(p) } => Err(format!("denied by policy {p}")),
+        Verdict::Deny { by: None } => Err("denied: no ALLOW policy matched".to_string()),
+    }
+}

@@ -1,0 +1,210 @@
+//! Outbound: a workload's connection, captured, is carried to its destination: in an HBONE
+//! tunnel when the destination is in the mesh, as plain TCP otherwise.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::relay::{self, TcpSide};
+use super::route::{decide, Route, Transport};
+use super::socket::{self, SocketFactory};
+use super::ProxyContext;
+use crate::hbone::client::{self, open_stream};
+use crate::hbone::pool::{PoolError, PoolKey};
+use crate::hbone::wire::{self, ConnectRequest};
+use crate::hbone::{H2Stream, HboneError};
+use crate::identity::Identity;
+use crate::metrics::access_log::{AccessLogEntry, Direction};
+use crate::metrics::connection::ConnectionGuard;
+use crate::metrics::labels::{ConnLabels, Peers, Reporter, ResponseFlags};
+use crate::state::Workload;
+
+/// The outbound side of one workload.
+pub struct Outbound {
+    pub ctx: Arc<ProxyContext>,
+    pub source_uid: String,
+    pub factory: Arc<dyn SocketFactory>,
+}
+
+/// The source workload's own address of the destination's family: tunnels leave from it, and
+/// the far side treats it as the client address.
+fn source_ip(source: &Workload, dest: SocketAddr) -> Option<IpAddr> {
+    source
+        .workload_ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == dest.is_ipv4())
+}
+
+impl Outbound {
+    pub async fn handle(self: Arc<Self>, client: TcpStream, original_dst: SocketAddr) {
+        let Ok(client_addr) = client.peer_addr() else {
+            return;
+        };
+        socket::tune(&client);
+        let snap = self.ctx.state.snapshot();
+        let Some(source) = snap.workload_by_uid(&self.source_uid).cloned() else {
+            debug!(uid = %self.source_uid, "source workload is gone; dropping connection");
+            return;
+        };
+        let route = decide(
+            &snap,
+            original_dst,
+            &self.ctx.own_ports(),
+            self.ctx.settings.ports.hbone,
+        );
+        drop(snap);
+        let src_identity = source.identity();
+        let (mtls, dst_identity) = match &route {
+            Ok(Route {
+                transport: Transport::Hbone { identities, .. },
+                ..
+            }) => (true, identities.first().cloned()),
+            _ => (false, None),
+        };
+        let (dst_wl, dst_svc) = match &route {
+            Ok(r) => (r.destination.clone(), r.service.clone()),
+            Err(_) => (None, None),
+        };
+        let labels = ConnLabels::new(
+            Reporter::source,
+            &Peers {
+                source: Some(&source),
+                source_identity: Some(&src_identity),
+                destination: dst_wl.as_deref(),
+                destination_identity: dst_identity.as_ref(),
+                destination_service: dst_svc.as_deref(),
+            },
+            mtls,
+        );
+        let mut entry = AccessLogEntry::new(Direction::Outbound, client_addr, original_dst);
+        entry.src_workload = source.workload_name_or_name().to_string();
+        entry.src_namespace = source.namespace.clone();
+        entry.src_identity = src_identity.to_string();
+        if let Some(d) = &dst_wl {
+            entry.dst_workload = d.workload_name_or_name().to_string();
+            entry.dst_namespace = d.namespace.clone();
+        }
+        if let Some(id) = &dst_identity {
+            entry.dst_identity = id.to_string();
+        }
+        entry.protocol = if mtls { "HBONE" } else { "TCP" };
+        let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
+
+        let route = match route {
+            Ok(r) => r,
+            Err(e) => {
+                guard.fail(ResponseFlags::Connect, e);
+                return;
+            }
+        };
+        guard.entry_mut().upstream = Some(match &route.transport {
+            Transport::Hbone { tunnel, .. } => *tunnel,
+            Transport::Plain => route.target,
+        });
+        let (transferred, result) = match route.transport {
+            Transport::Hbone { tunnel, identities } => {
+                let request = ConnectRequest {
+                    authority: route.target,
+                    client: client_addr,
+                    baggage: wire::baggage(
+                        &source.cluster_id,
+                        &source.namespace,
+                        source.workload_name_or_name(),
+                        source.app(),
+                        &source.canonical_revision,
+                    ),
+                };
+                let stream = match self
+                    .open_tunnel(&source, src_identity, tunnel, identities, &request)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        guard.fail(ResponseFlags::Connect, e);
+                        return;
+                    }
+                };
+                let (_lease, stream) = stream;
+                relay::tcp_h2(client, stream, TcpSide::Client, guard.counters()).await
+            }
+            Transport::Plain => {
+                let upstream = match socket::connect(
+                    &*self.factory,
+                    route.target,
+                    source_ip(&source, route.target),
+                )
+                .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        guard.fail(
+                            ResponseFlags::Connect,
+                            format!("connecting to {}: {e}", route.target),
+                        );
+                        return;
+                    }
+                };
+                relay::tcp_tcp(client, upstream, guard.counters()).await
+            }
+        };
+        guard.set_bytes(transferred.to_server, transferred.to_client);
+        if let Err(e) = result {
+            guard.note_error(e);
+        }
+    }
+
+    /// A CONNECT stream to `tunnel`, on a pooled connection. A pooled connection that fails at
+    /// the HTTP/2 level (peer restarted, GOAWAY) is discarded and the request tried once more.
+    async fn open_tunnel(
+        &self,
+        source: &Workload,
+        src_identity: Identity,
+        tunnel: SocketAddr,
+        identities: Vec<Identity>,
+        request: &ConnectRequest,
+    ) -> Result<(crate::hbone::pool::Lease, H2Stream), PoolError> {
+        let src_ip = source_ip(source, tunnel);
+        let key = PoolKey {
+            source: src_identity.clone(),
+            source_ip: src_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            destination: identities.clone(),
+            target: tunnel,
+        };
+        let connect = || {
+            let factory = self.factory.clone();
+            let tls = self.ctx.tls.clone();
+            let tuning = self.ctx.settings.h2.clone();
+            let (src_identity, identities) = (src_identity.clone(), identities.clone());
+            async move {
+                let config = tls.client_config(src_identity, identities)?;
+                let tcp = socket::connect(&*factory, tunnel, src_ip)
+                    .await
+                    .map_err(|source| HboneError::Connect {
+                        target: tunnel,
+                        source,
+                    })?;
+                client::handshake(tcp, config, &tuning).await
+            }
+        };
+        let mut last = None;
+        for _ in 0..2 {
+            let lease = self.ctx.pool.checkout(&key, &connect).await?;
+            match open_stream(&lease.connection().sender, request).await {
+                Ok(stream) => return Ok((lease, stream)),
+                Err(HboneError::H2(e)) => {
+                    debug!(%tunnel, error = %e, "pooled tunnel connection failed; retrying on a new one");
+                    self.ctx.pool.discard(&lease);
+                    last = Some(HboneError::H2(e));
+                }
+                Err(e) => return Err(PoolError(Arc::new(e))),
+            }
+        }
+        Err(PoolError(Arc::new(last.unwrap_or(HboneError::Timeout(
+            std::time::Duration::ZERO,
+            "opening a stream",
+        )))))
+    }
+}

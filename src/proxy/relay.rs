@@ -1,0 +1,215 @@
+//! Moving bytes: TCP↔TCP and TCP↔HTTP/2 stream, both directions at once, half-close propagated.
+//!
+//! Buffers start small (idle connections stay cheap) and double while reads fill them, up to
+//! [`MAX_BUF`]. Reads from TCP are handed to HTTP/2 as `Bytes` without another copy. Each read
+//! bumps the connection's Prometheus counter once.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::hbone::H2Stream;
+use crate::metrics::connection::ByteCounters;
+
+const MIN_BUF: usize = 16 * 1024;
+const MAX_BUF: usize = 256 * 1024;
+
+/// Bytes moved each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    pub to_server: u64,
+    pub to_client: u64,
+}
+
+/// A read buffer that grows while the peer keeps it full.
+struct GrowingBuf {
+    buf: BytesMut,
+    size: usize,
+}
+
+impl GrowingBuf {
+    fn new() -> Self {
+        GrowingBuf {
+            buf: BytesMut::new(),
+            size: MIN_BUF,
+        }
+    }
+
+    async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<Bytes> {
+        if self.buf.capacity() < self.size / 2 {
+            self.buf = BytesMut::with_capacity(self.size);
+        }
+        let n = r.read_buf(&mut self.buf).await?;
+        if n >= self.size / 2 && self.size < MAX_BUF {
+            self.size *= 2;
+        }
+        Ok(self.buf.split().freeze())
+    }
+}
+
+async fn tcp_to_tcp<R, W>(r: &mut R, w: &mut W, counter: &Counter, total: &mut u64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = GrowingBuf::new();
+    loop {
+        let chunk = buf.read_from(r).await?;
+        if chunk.is_empty() {
+            return w.shutdown().await;
+        }
+        w.write_all(&chunk).await?;
+        *total += chunk.len() as u64;
+        counter.inc_by(chunk.len() as u64);
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    r: &mut R,
+    send: &mut SendStream<Bytes>,
+    counter: &Counter,
+    total: &mut u64,
+) -> io::Result<()> {
+    let mut buf = GrowingBuf::new();
+    loop {
+        let mut chunk = buf.read_from(r).await?;
+        if chunk.is_empty() {
+            return send.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        let n = chunk.len();
+        // Send only what flow control allows, so a slow reader slows this side down.
+        send.reserve_capacity(n);
+        while !chunk.is_empty() {
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+            };
+            let part = chunk.split_to(granted.min(chunk.len()));
+            send.send_data(part, false).map_err(h2_io)?;
+        }
+        *total += n as u64;
+        counter.inc_by(n as u64);
+    }
+}
+
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    w: &mut W,
+    counter: &Counter,
+    total: &mut u64,
+) -> io::Result<()> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        let n = chunk.len();
+        w.write_all(&chunk).await?;
+        // Window is returned only once the bytes are written: back-pressure end to end.
+        recv.flow_control().release_capacity(n).map_err(h2_io)?;
+        *total += n as u64;
+        counter.inc_by(n as u64);
+    }
+    w.shutdown().await
+}
+
+/// Makes the coming close a TCP RST, so the app sees an abort rather than a clean end.
+fn abort(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Runs both directions until both have ended; the first error aborts the other direction
+/// (dropping it closes its sockets or resets its stream).
+async fn both(
+    a: impl std::future::Future<Output = io::Result<()>>,
+    b: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
+    tokio::pin!(a, b);
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        tokio::select! {
+            r = &mut a, if !a_done => { r?; a_done = true; }
+            r = &mut b, if !b_done => { r?; b_done = true; }
+        }
+    }
+    Ok(())
+}
+
+/// Relays between a downstream (client-side) and upstream (server-side) TCP connection.
+pub async fn tcp_tcp(
+    client: TcpStream,
+    server: TcpStream,
+    counters: &ByteCounters,
+) -> (Transferred, io::Result<()>) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let mut t = Transferred::default();
+    let r = both(
+        tcp_to_tcp(&mut cr, &mut sw, &counters.to_server, &mut t.to_server),
+        tcp_to_tcp(&mut sr, &mut cw, &counters.to_client, &mut t.to_client),
+    )
+    .await;
+    if r.is_err() {
+        abort(cw.as_ref());
+        abort(sw.as_ref());
+    }
+    (t, r)
+}
+
+/// Which end of the tunnel the TCP side is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpSide {
+    /// The app client (outbound): TCP → stream is towards the server.
+    Client,
+    /// The app server (inbound): stream → TCP is towards the server.
+    Server,
+}
+
+/// Relays between a TCP connection and an HBONE stream.
+pub async fn tcp_h2(
+    tcp: TcpStream,
+    stream: H2Stream,
+    side: TcpSide,
+    counters: &ByteCounters,
+) -> (Transferred, io::Result<()>) {
+    let H2Stream { mut send, mut recv } = stream;
+    let (mut tr, mut tw) = tcp.into_split();
+    let mut t = Transferred::default();
+    let (from_tcp, from_h2, tcp_total, h2_total) = match side {
+        TcpSide::Client => (
+            &counters.to_server,
+            &counters.to_client,
+            &mut t.to_server,
+            &mut t.to_client,
+        ),
+        TcpSide::Server => (
+            &counters.to_client,
+            &counters.to_server,
+            &mut t.to_client,
+            &mut t.to_server,
+        ),
+    };
+    let r = both(
+        tcp_to_h2(&mut tr, &mut send, from_tcp, tcp_total),
+        h2_to_tcp(&mut recv, &mut tw, from_h2, h2_total),
+    )
+    .await;
+    if r.is_err() {
+        // An abort, not an end: RST_STREAM to the tunnel peer, RST to the app.
+        send.send_reset(h2::Reason::CANCEL);
+        abort(tw.as_ref());
+    }
+    (t, r)
+}

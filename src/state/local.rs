@@ -1,0 +1,369 @@
+//! The local configuration file, in ztunnel's local-config shape (`workloads`, `services`,
+//! `policies`, camelCase), so a ztunnel local config loads unchanged. weft adds two workload
+//! fields: `netns` (where a captured pod's sockets live: a path, or `self` for weft's own network
+//! namespace) and `labels` (for policy selectors).
+//!
+//! The file is watched; an edit that does not parse or validate is refused with `file:line` and
+//! the last good state stays in force.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use tracing::{error, info};
+
+use super::service::{Service, ServiceKey};
+use super::store::{SourceData, StateStore};
+use super::workload::{HealthStatus, Netns, Protocol, Workload};
+use crate::authz;
+
+/// The name this source has in the state store.
+pub const SOURCE: &str = "local-file";
+
+/// Values a workload gets when the file leaves them out.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub trust_domain: String,
+    pub cluster_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{path}:{line}: {what}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: u64,
+        what: String,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalConfig {
+    #[serde(default)]
+    workloads: Vec<Spanned<LocalWorkload>>,
+    #[serde(default)]
+    services: Vec<Spanned<LocalService>>,
+    #[serde(default)]
+    policies: Vec<Spanned<authz::LocalPolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalWorkload {
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    service_account: String,
+    #[serde(default)]
+    trust_domain: String,
+    #[serde(default)]
+    workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    cluster_id: String,
+    #[serde(default)]
+    canonical_name: String,
+    #[serde(default)]
+    canonical_revision: String,
+    #[serde(default)]
+    workload_name: String,
+    #[serde(default)]
+    status: HealthStatus,
+    #[serde(default)]
+    authorization_policies: Vec<String>,
+    /// `"<namespace>/<hostname>" → {service port: target port}`.
+    #[serde(default)]
+    services: HashMap<String, BTreeMap<u16, u16>>,
+    // Accepted so ztunnel configs load; weft does not use them (yet).
+    #[serde(default, rename = "waypoint")]
+    _waypoint: Option<IgnoredAny>,
+    #[serde(default, rename = "networkGateway")]
+    _network_gateway: Option<IgnoredAny>,
+    #[serde(default, rename = "networkMode")]
+    _network_mode: Option<IgnoredAny>,
+    #[serde(default, rename = "network")]
+    _network: Option<IgnoredAny>,
+    #[serde(default, rename = "workloadType")]
+    _workload_type: Option<IgnoredAny>,
+    #[serde(default, rename = "hostname")]
+    _hostname: Option<IgnoredAny>,
+    #[serde(default, rename = "nativeTunnel")]
+    _native_tunnel: Option<IgnoredAny>,
+    #[serde(default, rename = "applicationTunnel")]
+    _application_tunnel: Option<IgnoredAny>,
+    #[serde(default, rename = "locality")]
+    _locality: Option<IgnoredAny>,
+    #[serde(default, rename = "capacity")]
+    _capacity: Option<IgnoredAny>,
+    // weft's additions.
+    #[serde(default)]
+    netns: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalService {
+    name: String,
+    namespace: String,
+    hostname: String,
+    /// `"<network>/<ip>"` as ztunnel writes them, or a bare IP.
+    #[serde(default)]
+    vips: Vec<String>,
+    #[serde(default)]
+    ports: BTreeMap<u16, u16>,
+    #[serde(default)]
+    endpoints: HashMap<String, LocalEndpoint>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+    #[serde(default, rename = "waypoint")]
+    _waypoint: Option<IgnoredAny>,
+    #[serde(default, rename = "loadBalancer")]
+    _load_balancer: Option<IgnoredAny>,
+    #[serde(default, rename = "ipFamilies")]
+    _ip_families: Option<IgnoredAny>,
+    #[serde(default, rename = "canonical")]
+    _canonical: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalEndpoint {
+    workload_uid: String,
+    #[serde(default)]
+    port: BTreeMap<u16, u16>,
+    #[serde(default, rename = "status")]
+    _status: Option<IgnoredAny>,
+}
+
+/// Parses and validates a whole file. Nothing is applied unless all of it is good.
+pub fn parse(text: &str, path: &Path, defaults: &Defaults) -> Result<SourceData, LocalConfigError> {
+    let cfg: LocalConfig = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        LocalConfigError::Syntax {
+            path: path.to_owned(),
+            line,
+            column,
+            message: first_line(&e.to_string()),
+        }
+    })?;
+    let invalid = |line: u64, what: String, message: String| LocalConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        what,
+        message,
+    };
+    let mut data = SourceData::default();
+    let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
+    for Spanned {
+        value: w, defined, ..
+    } in cfg.workloads
+    {
+        let line = defined.line();
+        let what = format!("workload {}/{}", w.namespace, w.name);
+        let (workload, services) =
+            workload(w, defaults).map_err(|m| invalid(line, what.clone(), m))?;
+        for ip in &workload.workload_ips {
+            if let Some(other) = seen_ips.insert(*ip, workload.uid.clone()) {
+                return Err(invalid(
+                    line,
+                    what,
+                    format!("address {ip} is already used by {other}"),
+                ));
+            }
+        }
+        for (key, ports) in services {
+            data.endpoints.push((key, workload.uid.clone(), ports));
+        }
+        data.workloads.push(workload);
+    }
+    for Spanned {
+        value: s, defined, ..
+    } in cfg.services
+    {
+        let line = defined.line();
+        let what = format!("service {}/{}", s.namespace, s.hostname);
+        let key = ServiceKey {
+            namespace: s.namespace.clone(),
+            hostname: s.hostname.clone(),
+        };
+        for (_, ep) in s.endpoints.iter() {
+            data.endpoints
+                .push((key.clone(), ep.workload_uid.clone(), ep.port.clone()));
+        }
+        let vips = s
+            .vips
+            .iter()
+            .map(|v| parse_vip(v))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| invalid(line, what.clone(), m))?;
+        data.services.push(Service {
+            name: s.name,
+            namespace: s.namespace,
+            hostname: s.hostname,
+            vips,
+            ports: s.ports,
+            subject_alt_names: s.subject_alt_names,
+        });
+    }
+    for Spanned {
+        value: p, defined, ..
+    } in cfg.policies
+    {
+        let line = defined.line();
+        let policy = authz::Policy::try_from(p)
+            .map_err(|e| invalid(line, "policy".to_string(), e.to_string()))?;
+        data.policies.push(policy);
+    }
+    Ok(data)
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().to_string()
+}
+
+fn parse_vip(v: &str) -> Result<IpAddr, String> {
+    let ip = v.rsplit_once('/').map_or(v, |(_, ip)| ip);
+    ip.parse()
+        .map_err(|_| format!("vip {v:?} is not an IP address (or <network>/<ip>)"))
+}
+
+type ServicePorts = Vec<(ServiceKey, BTreeMap<u16, u16>)>;
+
+fn workload(w: LocalWorkload, defaults: &Defaults) -> Result<(Workload, ServicePorts), String> {
+    if w.namespace.is_empty() {
+        return Err("namespace is required".into());
+    }
+    if w.name.is_empty() && w.uid.is_empty() {
+        return Err("a workload needs a name or a uid".into());
+    }
+    let or = |v: String, d: &str| if v.is_empty() { d.to_string() } else { v };
+    let cluster_id = or(w.cluster_id, &defaults.cluster_id);
+    let uid = if w.uid.is_empty() {
+        format!("{cluster_id}//Pod/{}/{}", w.namespace, w.name)
+    } else {
+        w.uid
+    };
+    let netns = match w.netns.as_deref() {
+        None => None,
+        Some("self") => Some(Netns::Here),
+        Some(p) if p.starts_with('/') => Some(Netns::Pod(PathBuf::from(p))),
+        Some(p) => {
+            return Err(format!(
+                "netns {p:?} must be an absolute path (e.g. /run/netns/x) or \"self\""
+            ))
+        }
+    };
+    if netns.is_some() && w.workload_ips.is_empty() {
+        return Err("a captured workload (netns set) needs workloadIps".into());
+    }
+    let services = w
+        .services
+        .into_iter()
+        .map(|(k, ports)| k.parse::<ServiceKey>().map(|k| (k, ports)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let workload = Workload {
+        uid,
+        name: w.name,
+        namespace: w.namespace,
+        service_account: or(w.service_account, "default"),
+        trust_domain: or(w.trust_domain, &defaults.trust_domain),
+        workload_ips: w.workload_ips,
+        protocol: w.protocol,
+        node: w.node,
+        cluster_id,
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        workload_name: w.workload_name,
+        labels: w.labels,
+        status: w.status,
+        authorization_policies: w.authorization_policies,
+        netns,
+    };
+    Ok((workload, services))
+}
+
+pub fn load(path: &Path, defaults: &Defaults) -> Result<SourceData, LocalConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LocalConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path, defaults)
+}
+
+/// Outcome of each reload, for metrics.
+pub trait ReloadObserver: Send + Sync {
+    fn reloaded(&self, ok: bool);
+}
+
+/// Applies the file now, then polls it and re-applies it whenever its content changes.
+///
+/// Polling (rather than inotify) keeps working across editors that replace the file and
+/// ConfigMap mounts that swap symlinks; a one-second poll of one file costs nothing.
+pub async fn watch(
+    path: PathBuf,
+    defaults: Defaults,
+    store: Arc<StateStore>,
+    observer: Arc<dyn ReloadObserver>,
+) {
+    let mut last: Option<Vec<u8>> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                if last.is_some() {
+                    error!(path = %path.display(), error = %e, "config file unreadable; keeping the last good config");
+                }
+                continue;
+            }
+        };
+        if last.as_ref() == Some(&bytes) {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        match parse(&text, &path, &defaults) {
+            Ok(data) => {
+                info!(path = %path.display(), workloads = data.workloads.len(),
+                    services = data.services.len(), policies = data.policies.len(), "config loaded");
+                store.replace_source(SOURCE, data);
+                observer.reloaded(true);
+            }
+            Err(e) => {
+                error!(error = %e, "config rejected; keeping the last good config");
+                observer.reloaded(false);
+            }
+        }
+        last = Some(bytes);
+    }
+}

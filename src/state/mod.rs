@@ -1,0 +1,10 @@
+//! What weft knows about the mesh: workloads, services and policies, from every source.
+
+pub mod local;
+pub mod service;
+pub mod store;
+pub mod workload;
+
+pub use service::{Endpoint, Service, ServiceKey};
+pub use store::{Snapshot, SourceData, StateStore};
+pub use workload::{HealthStatus, Netns, Protocol, Workload};

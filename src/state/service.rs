@@ -1,0 +1,79 @@
+//! Services: virtual IPs with a port map, load-balanced over workload endpoints.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::workload::Workload;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub hostname: String,
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.hostname)
+    }
+}
+
+impl std::str::FromStr for ServiceKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, host)) if !ns.is_empty() && !host.is_empty() => Ok(ServiceKey {
+                namespace: ns.to_string(),
+                hostname: host.to_string(),
+            }),
+            _ => Err(format!("{s:?} is not of the form <namespace>/<hostname>")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// service port → target port (0 or absent: same as the service port).
+    pub ports: BTreeMap<u16, u16>,
+    /// Extra identities a client accepts from any endpoint of this service.
+    pub subject_alt_names: Vec<String>,
+}
+
+impl Service {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            namespace: self.namespace.clone(),
+            hostname: self.hostname.clone(),
+        }
+    }
+}
+
+/// One workload behind a service, with its own port map (which overrides the service's).
+#[derive(Clone, Debug, Serialize)]
+pub struct Endpoint {
+    #[serde(serialize_with = "uid_only")]
+    pub workload: Arc<Workload>,
+    pub ports: BTreeMap<u16, u16>,
+}
+
+fn uid_only<S: serde::Serializer>(w: &Arc<Workload>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&w.uid)
+}
+
+impl Endpoint {
+    /// The workload port for a service port: the endpoint's mapping, else the service's, else
+    /// the same number.
+    pub fn target_port(&self, service: &Service, port: u16) -> u16 {
+        let mapped = |m: &BTreeMap<u16, u16>| m.get(&port).copied().filter(|p| *p != 0);
+        mapped(&self.ports)
+            .or_else(|| mapped(&service.ports))
+            .unwrap_or(port)
+    }
+}

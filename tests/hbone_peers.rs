@@ -1,0 +1,338 @@
+//! weft's HBONE server against an independent client (plain `h2` + `rustls`, written here), and
+//! against peers that are wrong in every way a peer can be.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft::identity::{CertificateAuthority, CertificateSigner, Identity};
+
+/// The test client trusts any server: what is under test is the server's judgement of clients.
+#[derive(Debug)]
+struct AnyServer;
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A raw client config presenting a certificate for `id` from `signer` (or none).
+fn raw_config(cert: Option<(&dyn CertificateSigner, Identity)>) -> Arc<ClientConfig> {
+    let b = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyServer));
+    let mut cfg = match cert {
+        Some((signer, id)) => {
+            let c = signer.sign(&id, Duration::from_secs(3600)).unwrap();
+            b.with_client_auth_cert(c.chain, c.key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+fn mesh_ca() -> CertificateAuthority {
+    CertificateAuthority::load(&ca_dir()).unwrap()
+}
+
+fn client_id() -> Identity {
+    Identity::new("cluster.local", "shop", "client-sa")
+}
+
+/// TLS + HTTP/2 to `addr`; the error is whatever broke first.
+async fn raw_connect(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    // With TLS 1.3 a refused client certificate shows up on first use, so make one round trip.
+    let mut ready = send.clone().ready().await.map_err(|e| e.to_string())?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(addr.to_string())
+        .body(())
+        .unwrap();
+    let (resp, _s) = ready.send_request(req, true).map_err(|e| e.to_string())?;
+    resp.await.map_err(|e| e.to_string())?;
+    Ok(send)
+}
+
+async fn request(
+    send: &h2::client::SendRequest<Bytes>,
+    req: Request<()>,
+) -> (StatusCode, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
+    let mut ready = send.clone().ready().await.unwrap();
+    let (resp, stream) = ready.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status();
+    (
+        status,
+        (status == StatusCode::OK).then(|| (stream, resp.into_body())),
+    )
+}
+
+fn connect_req(authority: SocketAddr) -> Request<()> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .header("forwarded", "for=\"10.9.9.9:1234\"")
+        .body(())
+        .unwrap()
+}
+
+async fn echo_through(send: &h2::client::SendRequest<Bytes>, echo: SocketAddr, msg: &'static [u8]) {
+    let (status, stream) = request(send, connect_req(echo)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (mut tx, mut rx) = stream.unwrap();
+    tx.send_data(Bytes::from_static(msg), true).unwrap();
+    let mut got = Vec::new();
+    while let Some(chunk) = rx.data().await {
+        let chunk = chunk.unwrap();
+        rx.flow_control().release_capacity(chunk.len()).unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, msg);
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    _b: weft::node::Node,
+    hbone: SocketAddr,
+    echo: SocketAddr,
+}
+
+async fn fixture() -> Fixture {
+    let subnet = unique_subnet();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &two_workloads(subnet));
+    let b = start_node("b", &cfg).await;
+    let (echo, _) = echo_server(ip(subnet, 3)).await;
+    Fixture {
+        _dir: dir,
+        _b: b,
+        hbone: SocketAddr::new(ip(subnet, 3), 15008),
+        echo,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independent_client_gets_200_and_echo() {
+    let f = fixture().await;
+    let ca = mesh_ca();
+    let send = raw_connect(f.hbone, raw_config(Some((&ca, client_id()))))
+        .await
+        .unwrap();
+    echo_through(&send, f.echo, b"independent hello").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_unreachable_gets_503() {
+    let f = fixture().await;
+    let ca = mesh_ca();
+    let send = raw_connect(f.hbone, raw_config(Some((&ca, client_id()))))
+        .await
+        .unwrap();
+
+    let get = Request::builder()
+        .method(Method::GET)
+        .uri(format!("https://{}/", f.echo))
+        .body(())
+        .unwrap();
+    assert_eq!(request(&send, get).await.0, StatusCode::BAD_REQUEST);
+
+    let elsewhere = SocketAddr::new("127.0.0.1".parse().unwrap(), f.echo.port());
+    assert_eq!(
+        request(&send, connect_req(elsewhere)).await.0,
+        StatusCode::BAD_REQUEST,
+        "authority IP mismatch"
+    );
+
+    let own_port = SocketAddr::new(f.echo.ip(), 15008);
+    assert_eq!(
+        request(&send, connect_req(own_port)).await.0,
+        StatusCode::BAD_REQUEST,
+        "weft's own port"
+    );
+
+    let closed_port = SocketAddr::new(f.echo.ip(), 9);
+    assert_eq!(
+        request(&send, connect_req(closed_port)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // The connection survived all of that.
+    echo_through(&send, f.echo, b"still fine").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_mesh_identity_are_refused() {
+    let logs = logs();
+    let f = fixture().await;
+    // No client certificate.
+    let e = raw_connect(f.hbone, raw_config(None)).await.unwrap_err();
+    assert!(!e.is_empty());
+    // Right CA, wrong trust domain.
+    let ca = mesh_ca();
+    let foreign = Identity::new("evil.example", "shop", "client-sa");
+    assert!(raw_connect(f.hbone, raw_config(Some((&ca, foreign))))
+        .await
+        .is_err());
+    // A certificate from another CA.
+    let other = tempfile::tempdir().unwrap();
+    CertificateAuthority::init(other.path(), "cluster.local").unwrap();
+    let other_ca = CertificateAuthority::load(other.path()).unwrap();
+    assert!(
+        raw_connect(f.hbone, raw_config(Some((&other_ca, client_id()))))
+            .await
+            .is_err()
+    );
+
+    let local = format!("local={}", f.hbone);
+    let mine = || -> Vec<String> {
+        logs.lines_with("HBONE connection refused")
+            .into_iter()
+            .filter(|l| l.contains(&local))
+            .collect()
+    };
+    eventually("three refusals logged", || mine().len() >= 3).await;
+    let mine = mine();
+    assert!(
+        mine.iter()
+            .any(|l| l.contains("not in trust domain cluster.local")),
+        "{mine:#?}"
+    );
+    // Another CA with the same subject name: found as issuer, then its signature fails.
+    assert!(
+        mine.iter()
+            .any(|l| l.contains("UnknownIssuer") || l.contains("BadSignature")),
+        "{mine:#?}"
+    );
+    assert!(
+        mine.iter().any(|l| l.contains("peer sent no certificates")),
+        "{mine:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_does_not_disturb_other_tunnels() {
+    let f = fixture().await;
+    let ca = mesh_ca();
+    let send = raw_connect(f.hbone, raw_config(Some((&ca, client_id()))))
+        .await
+        .unwrap();
+    let (status, stream) = request(&send, connect_req(f.echo)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (mut tx, mut rx) = stream.unwrap();
+
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0u8; 64][..],
+        &[0x16, 3, 1, 0xff, 0xff, 1, 2, 3][..],
+    ] {
+        let mut s = TcpStream::connect(f.hbone).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            r.is_err() || !buf.starts_with(b"HTTP/1.1 200"),
+            "garbage was not refused"
+        );
+    }
+
+    // The tunnel opened before the garbage still works.
+    tx.send_data(Bytes::from_static(b"after the storm"), true)
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(chunk) = rx.data().await {
+        let chunk = chunk.unwrap();
+        rx.flow_control().release_capacity(chunk.len()).unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"after the storm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_client_refuses_a_server_with_the_wrong_identity() {
+    let logs = logs();
+    let subnet = unique_subnet();
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    // Node a believes the server runs as `expected-sa`; node b serves it as `server-sa`.
+    let view_a =
+        two_workloads(subnet).replace("serviceAccount: server-sa", "serviceAccount: expected-sa");
+    let a = start_node("a", &write_config(dir_a.path(), &view_a)).await;
+    let _b = start_node("b", &write_config(dir_b.path(), &two_workloads(subnet))).await;
+    let (echo, _) = echo_server(ip(subnet, 3)).await;
+    let (_fwd, entry) = forward(&a, "client-uid", ip(subnet, 2), echo);
+    let mut c = TcpStream::connect(entry).await.unwrap();
+    let _ = c.write_all(b"secret").await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(buf.is_empty(), "no bytes may come back from an impostor");
+    let needle = format!("dst.addr={echo}");
+    eventually("outbound failure logged", || {
+        logs.lines_with(&needle)
+            .iter()
+            .any(|l| l.contains("not one of the expected"))
+    })
+    .await;
+}
