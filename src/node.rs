@@ -79,7 +79,7 @@ impl Node {
                 cluster_id: settings.cluster_id.clone(),
             };
             // The first load must succeed: starting with a broken file would start with nothing.
-            let data = local::load(path, &defaults)?;
+            let (data, loaded) = local::load(path, &defaults)?;
             state.replace_source(local::SOURCE, data);
             metrics.record_reload(true);
             readiness.done("local config");
@@ -88,6 +88,7 @@ impl Node {
                 defaults,
                 state.clone(),
                 metrics.clone(),
+                loaded,
             )));
         }
 

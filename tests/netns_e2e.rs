@@ -19,14 +19,27 @@ async fn captured_pods_talk_over_hbone_across_and_within_nodes() {
     let cfg = write_config(dir.path(), &lab.config(""));
     let a = start_node("a", &cfg).await;
     let b = start_node("b", &cfg).await;
-    assert!(lab.ruleset("a1").is_some() && lab.ruleset("b1").is_some(), "capture installed");
+    assert!(
+        lab.ruleset("a1").is_some() && lab.ruleset("b1").is_some(),
+        "capture installed"
+    );
     assert!(lab.ruleset("b2").is_none(), "b2 is not in the mesh");
 
     let b1 = lab.serve("b1", 8080);
     let a2 = lab.serve("a2", 8080);
-    assert_eq!(lab.send("a1", "10.250.2.2", 8080, "hello-b1"), Ok("hello-b1".into()));
-    assert_eq!(b1.next_peer(), "10.250.1.2", "server sees the client pod's own IP");
-    assert_eq!(lab.send("a1", "10.250.1.3", 8080, "same-node"), Ok("same-node".into()));
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "hello-b1"),
+        Ok("hello-b1".into())
+    );
+    assert_eq!(
+        b1.next_peer(),
+        "10.250.1.2",
+        "server sees the client pod's own IP"
+    );
+    assert_eq!(
+        lab.send("a1", "10.250.1.3", 8080, "same-node"),
+        Ok("same-node".into())
+    );
     assert_eq!(a2.next_peer(), "10.250.1.2");
 
     let m = scrape(b.metrics_addr).await;
@@ -36,20 +49,59 @@ async fn captured_pods_talk_over_hbone_across_and_within_nodes() {
         &format!("source_principal=\"{CLIENT}\""),
         "connection_security_policy=\"mutual_tls\"",
     ];
-    eventually_metric(b.metrics_addr, "istio_tcp_connections_closed_total", &labels, 1.0).await;
-    assert_eq!(metric(&m, "istio_tcp_connections_opened_total", &labels), Some(1.0), "{m}");
-    assert_eq!(metric(&scrape(b.metrics_addr).await, "istio_tcp_received_bytes_total", &labels), Some(8.0));
-    assert_eq!(metric(&scrape(b.metrics_addr).await, "istio_tcp_sent_bytes_total", &labels), Some(8.0));
-    let src = ["reporter=\"source\"", "source_workload=\"a1\"", "destination_workload=\"b1\""];
-    assert_eq!(metric(&scrape(a.metrics_addr).await, "istio_tcp_connections_opened_total", &src), Some(1.0));
+    eventually_metric(
+        b.metrics_addr,
+        "istio_tcp_connections_closed_total",
+        &labels,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&m, "istio_tcp_connections_opened_total", &labels),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &scrape(b.metrics_addr).await,
+            "istio_tcp_received_bytes_total",
+            &labels
+        ),
+        Some(8.0)
+    );
+    assert_eq!(
+        metric(
+            &scrape(b.metrics_addr).await,
+            "istio_tcp_sent_bytes_total",
+            &labels
+        ),
+        Some(8.0)
+    );
+    let src = [
+        "reporter=\"source\"",
+        "source_workload=\"a1\"",
+        "destination_workload=\"b1\"",
+    ];
+    assert_eq!(
+        metric(
+            &scrape(a.metrics_addr).await,
+            "istio_tcp_connections_opened_total",
+            &src
+        ),
+        Some(1.0)
+    );
     assert!(
         logs.lines_with("direction=\"inbound\"")
             .iter()
-            .any(|l| l.contains("dst.addr=10.250.2.2:8080") && l.contains(&format!("src.identity=\"{CLIENT}\""))),
+            .any(|l| l.contains("dst.addr=10.250.2.2:8080")
+                && l.contains(&format!("src.identity=\"{CLIENT}\""))),
         "inbound access log names the client identity"
     );
     let dump = http_get(a.admin_addr, "/config_dump").await;
-    assert!(dump.contains(&lab.netns_path("a1")) && dump.contains(&lab.netns_path("a2")), "{dump}");
+    assert!(
+        dump.contains(&lab.netns_path("a1")) && dump.contains(&lab.netns_path("a2")),
+        "{dump}"
+    );
     let ready = http_get(a.readiness_addr, "/healthz/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 }
@@ -61,7 +113,10 @@ async fn eventually_metric(addr: std::net::SocketAddr, name: &str, labels: &[&st
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{name}{labels:?} never reached {want}:\n{}", scrape(addr).await);
+    panic!(
+        "{name}{labels:?} never reached {want}:\n{}",
+        scrape(addr).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,10 +129,16 @@ async fn traffic_to_and_from_pods_outside_the_mesh() {
     let b2 = lab.serve("b2", 8080);
     let a1 = lab.serve("a1", 8080);
     // captured → uncaptured: plain TCP passthrough from the pod's own address.
-    assert_eq!(lab.send("a1", "10.250.2.3", 8080, "to-legacy"), Ok("to-legacy".into()));
+    assert_eq!(
+        lab.send("a1", "10.250.2.3", 8080, "to-legacy"),
+        Ok("to-legacy".into())
+    );
     assert_eq!(b2.next_peer(), "10.250.1.2");
     // uncaptured → captured: arrives on 15006, authorised by IP, reaches the app.
-    assert_eq!(lab.send("b2", "10.250.1.2", 8080, "from-legacy"), Ok("from-legacy".into()));
+    assert_eq!(
+        lab.send("b2", "10.250.1.2", 8080, "from-legacy"),
+        Ok("from-legacy".into())
+    );
     assert_eq!(a1.next_peer(), "10.250.2.3");
     let plain = [
         "reporter=\"destination\"",
@@ -85,7 +146,13 @@ async fn traffic_to_and_from_pods_outside_the_mesh() {
         "source_workload=\"b2\"",
         "connection_security_policy=\"unknown\"",
     ];
-    eventually_metric(a.metrics_addr, "istio_tcp_connections_closed_total", &plain, 1.0).await;
+    eventually_metric(
+        a.metrics_addr,
+        "istio_tcp_connections_closed_total",
+        &plain,
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,12 +174,18 @@ async fn self_calls_to_weft_ports_do_not_loop() {
         let r = lab.send("a1", host, port, "loop?");
         // Refused, reset, or (15008) a TLS alert: never proxied anywhere.
         assert!(r != Ok("loop?".to_string()), "{host}:{port} answered {r:?}");
-        assert!(started.elapsed() < Duration::from_secs(15), "{host}:{port} hung");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{host}:{port} hung"
+        );
     }
     // The pod reaches itself, and weft still works.
     assert_eq!(lab.send("a1", "10.250.1.2", 8080, "me"), Ok("me".into()));
     let _b1 = lab.serve("b1", 8080);
-    assert_eq!(lab.send("a1", "10.250.2.2", 8080, "still"), Ok("still".into()));
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "still"),
+        Ok("still".into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,11 +200,16 @@ async fn unenroll_releases_reenroll_is_idempotent_and_restart_takes_over() {
     assert_eq!(lab.ip_rules("a1").matches("fwmark 0x111/0xfff").count(), 1);
 
     // Un-enroll a1: rules and routes go, its traffic still flows (uncaptured).
-    let released = lab.config("").replace(&format!("  netns: {}\n", lab.netns_path("a1")), "");
+    let released = lab
+        .config("")
+        .replace(&format!("  netns: {}\n", lab.netns_path("a1")), "");
     std::fs::write(&cfg, released).unwrap();
     eventually("a1 released", || lab.ruleset("a1").is_none()).await;
     assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 0);
-    assert_eq!(lab.send("a1", "10.250.2.2", 8080, "uncaptured"), Ok("uncaptured".into()));
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "uncaptured"),
+        Ok("uncaptured".into())
+    );
     assert_eq!(b1.next_peer(), "10.250.1.2");
 
     // Re-enroll: the same rules, once.
@@ -144,14 +222,21 @@ async fn unenroll_releases_reenroll_is_idempotent_and_restart_takes_over() {
     assert_eq!(lab.ruleset("a1").unwrap(), rules);
     assert_eq!(lab.ip_rules("a1").matches("fwmark 0x111/0xfff").count(), 1);
     a.shutdown(Duration::from_secs(1)).await;
-    assert!(lab.ruleset("a1").is_some(), "shutdown leaves capture for the new weft");
+    assert!(
+        lab.ruleset("a1").is_some(),
+        "shutdown leaves capture for the new weft"
+    );
     for i in 0..5 {
         let msg = format!("after-restart-{i}");
         assert_eq!(lab.send("a1", "10.250.2.2", 8080, &msg), Ok(msg.clone()));
     }
     let m = scrape(a_new.metrics_addr).await;
     assert_eq!(
-        metric(&m, "istio_tcp_connections_opened_total", &["reporter=\"source\"", "source_workload=\"a1\""]),
+        metric(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"source\"", "source_workload=\"a1\""]
+        ),
         Some(5.0),
         "{m}"
     );
@@ -173,13 +258,20 @@ async fn policy_allows_denies_and_revokes_live_connections() {
     let _a = start_node("a", &cfg).await;
     let b = start_node("b", &cfg).await;
     let _b1 = lab.serve("b1", 8080);
-    assert_eq!(lab.send("a1", "10.250.2.2", 8080, "allowed"), Ok("allowed".into()));
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "allowed"),
+        Ok("allowed".into())
+    );
     let denied = lab.send("a2", "10.250.2.2", 8080, "denied");
     assert!(denied.is_err(), "{denied:?}");
     eventually_metric(
         b.metrics_addr,
         "istio_tcp_connections_failed_total",
-        &["reporter=\"destination\"", "response_flags=\"DENY\"", "source_principal=\"spiffe://cluster.local/ns/shop/sa/other\""],
+        &[
+            "reporter=\"destination\"",
+            "response_flags=\"DENY\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/other\"",
+        ],
         1.0,
     )
     .await;
@@ -192,17 +284,34 @@ async fn policy_allows_denies_and_revokes_live_connections() {
     };
     let m = || async { scrape(b.metrics_addr).await };
     for _ in 0..100 {
-        if metric(&m().await, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", &format!("source_principal=\"{CLIENT}\"")]) == Some(2.0) {
+        if metric(
+            &m().await,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                &format!("source_principal=\"{CLIENT}\""),
+            ],
+        ) == Some(2.0)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let deny_all = deny_other.replace("[{Exact: cluster.local/ns/shop/sa/other}]", "[{Prefix: cluster.local/ns/shop/}]");
+    let deny_all = deny_other.replace(
+        "[{Exact: cluster.local/ns/shop/sa/other}]",
+        "[{Prefix: cluster.local/ns/shop/}]",
+    );
     std::fs::write(&cfg, lab.config(&deny_all)).unwrap();
     let started = std::time::Instant::now();
     let r = held.join().unwrap();
     let r = r.expect_err("the revoked connection must not complete normally");
     assert!(r.starts_with("error"), "{r}");
-    assert!(started.elapsed() < Duration::from_secs(6), "closed by the policy change, not by the client");
-    assert_eq!(metric(&m().await, "weft_connections_closed_by_policy_total", &[]), Some(1.0));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "closed by the policy change, not by the client"
+    );
+    assert_eq!(
+        metric(&m().await, "weft_connections_closed_by_policy_total", &[]),
+        Some(1.0)
+    );
 }

@@ -52,7 +52,12 @@ impl GrowingBuf {
     }
 }
 
-async fn tcp_to_tcp<R, W>(r: &mut R, w: &mut W, counter: &Counter, total: &mut u64) -> io::Result<()>
+async fn tcp_to_tcp<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &Counter,
+    total: &mut u64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -247,8 +247,17 @@ pub fn parse(text: &str, path: &Path, defaults: &Defaults) -> Result<SourceData,
     Ok(data)
 }
 
+/// The parser's message without its own "error: line N column M:" prefix (we print ours).
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().to_string()
+    let line = s.lines().next().unwrap_or_default();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((_, msg)) => msg.to_string(),
+        None => line.to_string(),
+    }
 }
 
 fn parse_vip(v: &str) -> Result<IpAddr, String> {
@@ -312,12 +321,14 @@ fn workload(w: LocalWorkload, defaults: &Defaults) -> Result<(Workload, ServiceP
     Ok((workload, services))
 }
 
-pub fn load(path: &Path, defaults: &Defaults) -> Result<SourceData, LocalConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LocalConfigError::Read {
+/// Reads and parses the file; also returns its bytes so [`watch`] starts from them.
+pub fn load(path: &Path, defaults: &Defaults) -> Result<(SourceData, Vec<u8>), LocalConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| LocalConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse(&text, path, defaults)
+    let data = parse(&String::from_utf8_lossy(&bytes), path, defaults)?;
+    Ok((data, bytes))
 }
 
 /// Outcome of each reload, for metrics.
@@ -325,7 +336,7 @@ pub trait ReloadObserver: Send + Sync {
     fn reloaded(&self, ok: bool);
 }
 
-/// Applies the file now, then polls it and re-applies it whenever its content changes.
+/// Polls the file and re-applies it whenever its content differs from `loaded` (what is in force).
 ///
 /// Polling (rather than inotify) keeps working across editors that replace the file and
 /// ConfigMap mounts that swap symlinks; a one-second poll of one file costs nothing.
@@ -334,8 +345,9 @@ pub async fn watch(
     defaults: Defaults,
     store: Arc<StateStore>,
     observer: Arc<dyn ReloadObserver>,
+    loaded: Vec<u8>,
 ) {
-    let mut last: Option<Vec<u8>> = None;
+    let mut last = Some(loaded);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -365,5 +377,114 @@ pub async fn watch(
             }
         }
         last = Some(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Defaults {
+        Defaults {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+        }
+    }
+
+    /// A local config as ztunnel's own examples and tests write it, fields weft ignores included.
+    const ZTUNNEL_SHAPED: &str = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/local
+  name: local
+  namespace: default
+  serviceAccount: default
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+  node: local
+  canonicalName: local
+  canonicalRevision: v1
+  workloadType: deployment
+  workloadName: local-deploy
+  network: ""
+  status: Healthy
+  services:
+    "default/example.default.svc.cluster.local":
+      80: 8080
+- name: local-tcp
+  namespace: default
+  workloadIps: ["127.0.0.2"]
+  protocol: TCP
+  node: local
+  services: {}
+services:
+- name: example
+  namespace: default
+  hostname: example.default.svc.cluster.local
+  vips: ["/10.0.0.1"]
+  ports: {80: 8080}
+  endpoints: {}
+  subjectAltNames: []
+policies:
+- name: deny-everything-else
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - notPrincipals: [{Presence: {}}]
+"#;
+
+    #[test]
+    fn ztunnel_shaped_config_loads() {
+        let d = parse(ZTUNNEL_SHAPED, Path::new("z.yaml"), &defaults()).unwrap();
+        assert_eq!(d.workloads.len(), 2);
+        let w = &d.workloads[0];
+        assert_eq!(w.protocol, Protocol::HBONE);
+        assert_eq!(
+            w.identity().to_string(),
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
+        assert_eq!(w.app(), "local");
+        let tcp = &d.workloads[1];
+        assert_eq!(
+            tcp.uid, "Kubernetes//Pod/default/local-tcp",
+            "uid defaults like ztunnel's"
+        );
+        assert_eq!(tcp.service_account, "default");
+        assert_eq!(
+            d.services[0].vips,
+            vec!["10.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(d.endpoints.len(), 1);
+        assert_eq!(d.policies.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let cases = [
+            // (text, line, words the message must contain)
+            ("workloads:\n- name: a\n  namespace: x\n  workloadIps: [\"nope\"]\n", 4, "invalid IP address"),
+            ("workloads:\n- name: a\n  namespace: x\n  protocl: HBONE\n", 4, "protocl"),
+            ("workloads:\n- name: a\n  namespace: x\n- name: b\n  namespace: x\n  netns: relative/path\n", 4, "netns"),
+            (
+                "workloads:\n- name: a\n  namespace: x\n  workloadIps: [\"10.0.0.1\"]\n- name: b\n  namespace: x\n  workloadIps: [\"10.0.0.1\"]\n",
+                5,
+                "already used",
+            ),
+            ("services:\n- name: s\n  namespace: x\n  hostname: h\n  vips: [\"x/not-an-ip\"]\n", 2, "not-an-ip"),
+            ("workloads: [\n", 0, "weft.yaml"),
+        ];
+        for (text, line, word) in cases {
+            let e = parse(text, Path::new("/etc/weft.yaml"), &defaults())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("/etc/weft.yaml:"), "{e}");
+            if line > 0 {
+                assert!(
+                    e.starts_with(&format!("/etc/weft.yaml:{line}:")),
+                    "expected line {line}: {e}"
+                );
+            }
+            assert!(e.contains(word), "{e}");
+        }
     }
 }

@@ -33,7 +33,11 @@ impl AppServer {
 impl Lab {
     pub fn up(v4_only: &[&str]) -> Lab {
         static N: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!("wt{}x{}", std::process::id() % 100000, N.fetch_add(1, Ordering::Relaxed));
+        let prefix = format!(
+            "wt{}x{}",
+            std::process::id() % 100000,
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let mut args = vec!["up".to_string(), prefix.clone()];
         if !v4_only.is_empty() {
             args.push("--v4-only".into());
@@ -92,7 +96,14 @@ impl Lab {
     }
 
     /// Like send, but keeps the connection open `hold` seconds before half-closing.
-    pub fn send_holding(&self, pod: &str, host: &str, port: u16, msg: &str, hold: f64) -> Result<String, String> {
+    pub fn send_holding(
+        &self,
+        pod: &str,
+        host: &str,
+        port: u16,
+        msg: &str,
+        hold: f64,
+    ) -> Result<String, String> {
         let out = Command::new("timeout")
             .args(["30", "ip", "netns", "exec", &self.ns(pod), "python3"])
             .arg(repo().join("tests/fixtures/tcp_tool.py"))
@@ -109,10 +120,21 @@ impl Lab {
     /// `nft list table inet weft` in a pod, or None when absent.
     pub fn ruleset(&self, pod: &str) -> Option<String> {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns(pod), "nft", "list", "table", "inet", "weft"])
+            .args([
+                "netns",
+                "exec",
+                &self.ns(pod),
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "weft",
+            ])
             .output()
             .expect("nft");
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
     }
 
     pub fn ip_rules(&self, pod: &str) -> String {
