@@ -43,13 +43,15 @@ workloads:
 - {uid: a2, name: a2, namespace: shop, serviceAccount: intruder, workloadIps: ["10.250.1.3"], protocol: HBONE, node: node-a, netns: /run/netns/$lab-a2}
 - {uid: b1, name: b1, namespace: shop, serviceAccount: backend, workloadIps: ["10.250.2.2"], protocol: HBONE, node: node-b, netns: /run/netns/$lab-b1}
 - {uid: b2, name: b2, namespace: legacy, workloadIps: ["10.250.2.3"], protocol: TCP, node: node-b}
-policies:
-- name: backend-allow-frontend
-  namespace: shop
-  scope: Namespace
-  action: Allow
+---
+# Policies may follow in Kubernetes form, as further YAML documents.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: frontend-only, namespace: shop}
+spec:
+  action: ALLOW
   rules:
-  - - - principals: [{Exact: cluster.local/ns/shop/sa/frontend}]
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
 YAML
 echo "config: 3 captured pods, 1 pod outside the mesh, policy: only shop/frontend may reach namespace shop"
 
@@ -89,7 +91,7 @@ cat "$work/b1.app"
 sleep 0.5
 say "metrics on node-b (:15120/metrics), destination side"
 get http://127.0.0.1:15120/metrics | grep -E '^istio_tcp_connections_(opened|failed)_total' \
-    | sed -E 's/(source_workload="[^"]*").*(source_principal="[^"]*").*(destination_workload="[^"]*").*(response_flags="[^"]*").*(connection_security_policy="[^"]*")\} /\1 \2 \3 \4 \5 } /'
+    | sed -E 's/(source_workload="[^"]*").*(source_principal="[^"]*").*(destination_workload="[^"]*").*(response_flags="[^"]*").*(connection_security_policy="[^"]*")\} /\1, \2, \3, \4, \5} /'
 say "access log on node-b"
 grep ' access:' "$work/node-b.log" | sed -E 's/^[^ ]+ +//' || true
 say "done; cleaning up"

@@ -23,9 +23,14 @@ command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh: cargo (Rust toolcha
 
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+echo "== Kubernetes API server for the Kubernetes tests (built once, then cached)"
+bash scripts/k8s-testenv.sh install >/dev/null
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked -- --test-threads="${WEFT_TEST_THREADS:-4}"
+echo "== daemonset/ manifests against a real API server"
+bash scripts/validate-manifests.sh

@@ -10,6 +10,7 @@ pub mod capture;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod node;
 pub mod proxy;

@@ -1,5 +1,6 @@
 //! The `weft` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tracing_subscriber::{reload, EnvFilter};
 use weft::admin::LogControl;
 use weft::config::Settings;
 use weft::identity::CertificateAuthority;
+use weft::k8s::KubeSettings;
 use weft::node::{Node, Sources};
 
 #[derive(Parser)]
@@ -61,6 +63,15 @@ struct RunArgs {
     /// Local configuration file (ztunnel's local-config YAML shape), watched for changes.
     #[arg(long, env = "WEFT_CONFIG")]
     config: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster service account, else $KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    kubernetes: bool,
+    /// Watch the Kubernetes API through this kubeconfig (implies --kubernetes).
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// DNS suffix of Kubernetes service hostnames.
+    #[arg(long, env = "WEFT_DOMAIN_SUFFIX", default_value = "cluster.local")]
+    domain_suffix: String,
     /// Directory holding ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem.
     #[arg(long, env = "WEFT_CA_DIR", default_value = "/etc/weft/ca")]
     ca_dir: PathBuf,
@@ -116,6 +127,22 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 }
 
 impl RunArgs {
+    fn sources(&self) -> anyhow::Result<Sources> {
+        let kubernetes = (self.kubernetes || self.kubeconfig.is_some()).then(|| KubeSettings {
+            kubeconfig: self.kubeconfig.clone(),
+            domain_suffix: self.domain_suffix.clone(),
+        });
+        if self.config.is_none() && kubernetes.is_none() {
+            anyhow::bail!(
+                "nothing to do: give --config FILE, --kubernetes or --kubeconfig FILE (or several)"
+            );
+        }
+        Ok(Sources {
+            config_file: self.config.clone(),
+            kubernetes,
+        })
+    }
+
     fn settings(&self) -> Settings {
         let mut s = Settings {
             mark: self.mark,
@@ -146,7 +173,11 @@ fn init_logging(format: LogFormat) -> LogControl {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Plain => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Json => registry
             .with(
@@ -172,15 +203,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let rt = rt.build().context("starting the runtime")?;
     rt.block_on(async move {
         let settings = args.settings();
-        let node = Node::start(
-            settings,
-            Sources {
-                config_file: args.config.clone(),
-            },
-            None,
-            Some(log_control),
-        )
-        .await?;
+        let node = Node::start(settings, args.sources()?, None, Some(log_control)).await?;
         shutdown_signal().await;
         tracing::info!(drain_seconds = args.drain_seconds, "shutting down");
         node.shutdown(Duration::from_secs(args.drain_seconds)).await;

@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::hbone::pool::Pool;
 use crate::hbone::tls::{self, TlsContext};
 use crate::identity::{CertManager, CertificateAuthority, CertificateSigner};
+use crate::k8s::{self, translate::ClusterFacts, KubeSettings};
 use crate::metrics::Metrics;
 use crate::proxy::tracker::ConnectionTracker;
 use crate::proxy::{authorize, ProxyContext};
@@ -27,6 +28,8 @@ use crate::state::StateStore;
 pub struct Sources {
     /// ztunnel-shaped local YAML, watched.
     pub config_file: Option<PathBuf>,
+    /// The Kubernetes API, watched.
+    pub kubernetes: Option<KubeSettings>,
 }
 
 /// A running weft.
@@ -90,6 +93,22 @@ impl Node {
                 metrics.clone(),
                 loaded,
             )));
+        }
+
+        if let Some(kube) = &sources.kubernetes {
+            let client = k8s::client(kube).await?;
+            let facts = ClusterFacts {
+                trust_domain: settings.trust_domain.clone(),
+                cluster_id: settings.cluster_id.clone(),
+                domain_suffix: kube.domain_suffix.clone(),
+            };
+            tasks.extend(k8s::start(
+                client,
+                facts,
+                settings.node_name.clone(),
+                state.clone(),
+                readiness.clone(),
+            ));
         }
 
         let pool = Pool::new(

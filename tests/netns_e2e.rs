@@ -106,19 +106,6 @@ async fn captured_pods_talk_over_hbone_across_and_within_nodes() {
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 }
 
-async fn eventually_metric(addr: std::net::SocketAddr, name: &str, labels: &[&str], want: f64) {
-    for _ in 0..100 {
-        if metric(&scrape(addr).await, name, labels) == Some(want) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{name}{labels:?} never reached {want}:\n{}",
-        scrape(addr).await
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_to_and_from_pods_outside_the_mesh() {
     let mut lab = Lab::up(&[]);

@@ -68,7 +68,7 @@ impl AdminState {
             "generation": snap.generation,
             "workloads": snap.workloads,
             "services": snap.services,
-            "endpoints": snap.endpoints.iter().map(|(k, v)| (k.to_string(), v)).collect::<HashMap<_, _>>(),
+            "endpoints": snap.endpoints,
             "policies": snap.policies,
             "certificates": self.certs.summaries(),
             "capturedPods": (self.captured)(),

@@ -133,21 +133,64 @@ fn identify(meta: Option<&Map<String, Value>>) -> Result<(&str, &str, Vec<String
 /// line it starts on (or the line of a syntax error). Empty documents are
 /// skipped.
 pub fn parse_k8s_yaml_stream(text: &str) -> Vec<Result<Policy, AuthzError>> {
+    yaml_documents(text)
+        .into_iter()
+        .filter_map(|doc| match doc.value {
+            Ok(v) if v.is_null() => None,
+            Ok(v) => Some(from_k8s_value(&v).map_err(|e| e.in_document(doc.index, doc.first_line))),
+            Err(e) => Some(Err(e)),
+        })
+        .collect()
+}
+
+/// One document of a YAML stream, parsed on its own.
+pub struct YamlDocument {
+    /// 1-based position in the stream.
+    pub index: usize,
+    /// Line of the stream where the document's first line of text starts (its `---`, if any).
+    pub start_line: usize,
+    /// Line of the first line with content, for messages.
+    pub first_line: usize,
+    pub text: String,
+    /// The document as JSON, or its syntax error positioned in the stream.
+    pub value: Result<Value, AuthzError>,
+}
+
+impl YamlDocument {
+    /// Whether the document is a Kubernetes object (it says its `kind`).
+    pub fn is_k8s_object(&self) -> bool {
+        self.value
+            .as_ref()
+            .is_ok_and(|v| v.get("kind").is_some() || v.get("apiVersion").is_some())
+    }
+
+    /// The document's text with blank lines in front, so that a parser's positions are lines of
+    /// the whole stream.
+    pub fn padded_text(&self) -> String {
+        let mut padded = "\n".repeat(self.start_line.saturating_sub(1));
+        padded.push_str(&self.text);
+        padded
+    }
+}
+
+/// Splits a YAML stream into documents and parses each; empty documents are left out.
+pub fn yaml_documents(text: &str) -> Vec<YamlDocument> {
     split_documents(text)
         .into_iter()
         .enumerate()
-        .filter_map(|(i, doc)| {
+        .map(|(i, doc)| {
             let index = i + 1;
-            let value: Value = match serde_saphyr::from_str_with_options(&doc.text, yaml_options())
-            {
-                Ok(v) => v,
-                Err(_) => return Some(Err(yaml_error(index, &doc))),
-            };
-            if value.is_null() {
-                return None;
+            let value = serde_saphyr::from_str_with_options::<Value>(&doc.text, yaml_options())
+                .map_err(|_| yaml_error(index, &doc));
+            YamlDocument {
+                index,
+                start_line: doc.start_line,
+                first_line: doc.first_line,
+                value,
+                text: doc.text,
             }
-            Some(from_k8s_value(&value).map_err(|e| e.in_document(index, doc.first_line)))
         })
+        .filter(|d| !matches!(&d.value, Ok(Value::Null)))
         .collect()
 }
 

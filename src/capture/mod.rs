@@ -14,6 +14,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub mod enroll;
+pub mod locate;
 pub mod netns;
 pub mod pod;
 pub mod routes;

@@ -130,7 +130,9 @@ mod tests {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
         };
-        let data = parse(yaml, std::path::Path::new("t.yaml"), &d).unwrap();
+        let data = parse(yaml, std::path::Path::new("t.yaml"), &d)
+            .unwrap()
+            .data;
         let store = StateStore::new("istio-system");
         store.replace_source("t", data);
         store.snapshot()

@@ -162,8 +162,62 @@ struct LocalEndpoint {
     _status: Option<IgnoredAny>,
 }
 
-/// Parses and validates a whole file. Nothing is applied unless all of it is good.
-pub fn parse(text: &str, path: &Path, defaults: &Defaults) -> Result<SourceData, LocalConfigError> {
+/// A parsed file: its state, and the Kubernetes-form policies that had to be left out.
+#[derive(Debug)]
+pub struct LocalFile {
+    pub data: SourceData,
+    /// `file:line: error` for each policy document weft refused; the others are in `data`.
+    pub rejected_policies: Vec<String>,
+}
+
+/// Parses and validates a whole file: the ztunnel-shaped config, optionally followed (or
+/// replaced) by `AuthorizationPolicy` objects in Kubernetes form as further YAML documents.
+/// Nothing is applied unless the config document is good; a policy document that is not is left
+/// out alone, named in `rejected_policies`, and the other policies stay in force.
+pub fn parse(text: &str, path: &Path, defaults: &Defaults) -> Result<LocalFile, LocalConfigError> {
+    let docs = authz::k8s_form::yaml_documents(text);
+    if docs.len() <= 1 && !docs.first().is_some_and(|d| d.is_k8s_object()) {
+        return Ok(LocalFile {
+            data: parse_config(text, path, defaults)?,
+            rejected_policies: Vec::new(),
+        });
+    }
+    let mut config: Option<SourceData> = None;
+    let mut policies = Vec::new();
+    let mut rejected_policies = Vec::new();
+    for doc in &docs {
+        match &doc.value {
+            Ok(v) if doc.is_k8s_object() => match authz::k8s_form::from_k8s_value(v) {
+                Ok(p) => policies.push(p),
+                Err(e) => {
+                    rejected_policies.push(format!("{}:{}: {e}", path.display(), doc.first_line))
+                }
+            },
+            _ if config.is_some() => {
+                return Err(LocalConfigError::Invalid {
+                    path: path.to_owned(),
+                    line: doc.first_line as u64,
+                    what: format!("document {}", doc.index),
+                    message: "a second config document (only one may lack `kind`)".into(),
+                })
+            }
+            _ => config = Some(parse_config(&doc.padded_text(), path, defaults)?),
+        }
+    }
+    let mut data = config.unwrap_or_default();
+    data.policies.extend(policies);
+    Ok(LocalFile {
+        data,
+        rejected_policies,
+    })
+}
+
+/// Parses and validates the ztunnel-shaped document.
+fn parse_config(
+    text: &str,
+    path: &Path,
+    defaults: &Defaults,
+) -> Result<SourceData, LocalConfigError> {
     let cfg: LocalConfig = serde_saphyr::from_str(text).map_err(|e| {
         let (line, column) = e
             .location()
@@ -327,8 +381,24 @@ pub fn load(path: &Path, defaults: &Defaults) -> Result<(SourceData, Vec<u8>), L
         path: path.to_owned(),
         source,
     })?;
-    let data = parse(&String::from_utf8_lossy(&bytes), path, defaults)?;
-    Ok((data, bytes))
+    let file = parse(&String::from_utf8_lossy(&bytes), path, defaults)?;
+    Ok((accept(file), bytes))
+}
+
+/// Reports what was left out of a good file, and hands over the rest.
+fn accept(file: LocalFile) -> SourceData {
+    for r in &file.rejected_policies {
+        error!(policy = %r, "AuthorizationPolicy rejected; the other policies stay in force");
+    }
+    let d = &file.data;
+    info!(
+        workloads = d.workloads.len(),
+        services = d.services.len(),
+        policies = d.policies.len(),
+        rejected_policies = file.rejected_policies.len(),
+        "config loaded"
+    );
+    file.data
 }
 
 /// Outcome of each reload, for metrics.
@@ -365,10 +435,8 @@ pub async fn watch(
         }
         let text = String::from_utf8_lossy(&bytes);
         match parse(&text, &path, &defaults) {
-            Ok(data) => {
-                info!(path = %path.display(), workloads = data.workloads.len(),
-                    services = data.services.len(), policies = data.policies.len(), "config loaded");
-                store.replace_source(SOURCE, data);
+            Ok(file) => {
+                store.replace_source(SOURCE, accept(file));
                 observer.reloaded(true);
             }
             Err(e) => {
@@ -435,7 +503,9 @@ policies:
 
     #[test]
     fn ztunnel_shaped_config_loads() {
-        let d = parse(ZTUNNEL_SHAPED, Path::new("z.yaml"), &defaults()).unwrap();
+        let d = parse(ZTUNNEL_SHAPED, Path::new("z.yaml"), &defaults())
+            .unwrap()
+            .data;
         assert_eq!(d.workloads.len(), 2);
         let w = &d.workloads[0];
         assert_eq!(w.protocol, Protocol::HBONE);
@@ -486,5 +556,75 @@ policies:
             }
             assert!(e.contains(word), "{e}");
         }
+    }
+
+    const K8S_POLICIES: &str = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-frontend, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: shop}
+spec:
+  action: PERMIT
+"#;
+
+    #[test]
+    fn kubernetes_form_policies_follow_the_config_as_more_documents() {
+        let text = format!("{ZTUNNEL_SHAPED}{K8S_POLICIES}");
+        let f = parse(&text, Path::new("/etc/weft.yaml"), &defaults()).unwrap();
+        assert_eq!(f.data.workloads.len(), 2, "the config document still loads");
+        let keys: Vec<String> = f.data.policies.iter().map(|p| p.key()).collect();
+        assert_eq!(
+            keys,
+            ["default/deny-everything-else", "shop/allow-frontend"]
+        );
+        let broken_line = text
+            .lines()
+            .position(|l| l.contains("name: broken"))
+            .unwrap();
+        assert_eq!(f.rejected_policies.len(), 1, "{:?}", f.rejected_policies);
+        let r = &f.rejected_policies[0];
+        assert!(r.contains("shop/broken") && r.contains("PERMIT"), "{r}");
+        // The document starts two lines above its metadata (---, apiVersion, kind).
+        assert!(
+            r.starts_with(&format!("/etc/weft.yaml:{}:", broken_line - 1)),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn a_file_of_only_kubernetes_policies_loads() {
+        let f = parse(K8S_POLICIES, Path::new("p.yaml"), &defaults()).unwrap();
+        assert!(f.data.workloads.is_empty());
+        assert_eq!(f.data.policies.len(), 1);
+        assert_eq!(f.rejected_policies.len(), 1);
+    }
+
+    #[test]
+    fn errors_in_a_later_config_document_name_the_file_line() {
+        let text =
+            format!("{K8S_POLICIES}---\nworkloads:\n- name: a\n  namespace: x\n  protocl: HBONE\n");
+        let line = text.lines().position(|l| l.contains("protocl")).unwrap() + 1;
+        let e = parse(&text, Path::new("w.yaml"), &defaults())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("w.yaml:{line}:")),
+            "expected line {line}: {e}"
+        );
+        let two = "workloads: []\n---\nservices: []\n";
+        let e = parse(two, Path::new("w.yaml"), &defaults())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("w.yaml:3:") && e.contains("second config document"),
+            "{e}"
+        );
     }
 }

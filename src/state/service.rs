@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::workload::Workload;
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub namespace: String,
     pub hostname: String,
@@ -17,6 +17,13 @@ pub struct ServiceKey {
 impl std::fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Serialized as `namespace/hostname`, so maps keyed by services stay JSON objects.
+impl Serialize for ServiceKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -32,7 +32,7 @@ pub enum Netns {
     Pod(PathBuf),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
     pub uid: String,

@@ -63,6 +63,18 @@ impl Lab {
         format!("/run/netns/{}", self.ns(pod))
     }
 
+    /// Keeps a process (a pod's "pause container") in each pod's netns, so that the pod's
+    /// namespace appears under /proc/*/ns/net as on a real node.
+    pub fn hold(&mut self, pods: &[&str]) {
+        for pod in pods {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &self.ns(pod), "sleep", "900"])
+                .spawn()
+                .expect("start pause process");
+            self.children.push(child);
+        }
+    }
+
     pub fn serve(&mut self, pod: &str, port: u16) -> AppServer {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns(pod), "python3", "-u"])

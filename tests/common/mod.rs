@@ -2,6 +2,7 @@
 //! and a log capture for access-log assertions.
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod lab;
 
 use std::io::Write;
@@ -109,6 +110,7 @@ pub async fn start_node(node: &str, config: &Path) -> Node {
         settings(node),
         Sources {
             config_file: Some(config.to_owned()),
+            kubernetes: None,
         },
         None,
         None,
@@ -247,4 +249,18 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until a scraped metric has the value `want` (bounded).
+pub async fn eventually_metric(addr: SocketAddr, name: &str, labels: &[&str], want: f64) {
+    for _ in 0..100 {
+        if metric(&scrape(addr).await, name, labels) == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{name}{labels:?} never reached {want}:\n{}",
+        scrape(addr).await
+    );
 }

@@ -1,0 +1,115 @@
+//! Finding a pod's network namespace from its IP address.
+//!
+//! Kubernetes tells weft a pod's IP but not its netns. On the node, every pod's netns is held by
+//! at least one process (the pause container), so scanning `/proc/*/ns/net` finds it: each
+//! distinct namespace is entered once, its interface addresses are read, and the one holding the
+//! pod IP is the pod's. The path handed out is `/proc/PID/ns/net` of a process in it; the
+//! enroller opens it at once and keeps the fd, so the process may exit later.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use nix::ifaddrs::getifaddrs;
+use nix::sched::{setns, CloneFlags};
+use tracing::debug;
+
+use super::netns::NsId;
+
+/// One scan of the node: which namespace holds which address.
+#[derive(Debug, Default)]
+pub struct NetnsIndex {
+    by_ip: HashMap<IpAddr, Vec<(NsId, PathBuf)>>,
+}
+
+/// What a scan says about one address.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Located<'a> {
+    Found(NsId, &'a Path),
+    Missing,
+    /// Several namespaces hold the address: capturing any of them could capture the wrong pod.
+    Ambiguous(usize),
+}
+
+impl NetnsIndex {
+    /// Scans every process's netns except weft's own (the host's addresses are not pods').
+    ///
+    /// Runs on a throwaway thread: `setns` changes only the calling thread, and this one exits
+    /// when done instead of having to find its way back.
+    pub fn scan() -> io::Result<NetnsIndex> {
+        let own = NsId::of_path("/proc/self/ns/net")?;
+        let mut candidates: HashMap<NsId, PathBuf> = HashMap::new();
+        for entry in std::fs::read_dir("/proc")? {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let path = entry.path().join("ns/net");
+            // Processes come and go during the scan; one that vanished is simply skipped.
+            let Ok(id) = NsId::of_path(&path) else {
+                continue;
+            };
+            if id != own {
+                candidates.entry(id).or_insert(path);
+            }
+        }
+        let scanned = std::thread::Builder::new()
+            .name("weft-netns-scan".into())
+            .spawn(move || {
+                let mut index = NetnsIndex::default();
+                for (id, path) in candidates {
+                    match addresses_in(&path) {
+                        Ok(ips) => {
+                            for ip in ips {
+                                index.by_ip.entry(ip).or_default().push((id, path.clone()));
+                            }
+                        }
+                        Err(e) => debug!(path = %path.display(), error = %e, "skipping netns"),
+                    }
+                }
+                index
+            })?
+            .join()
+            .map_err(|_| io::Error::other("netns scan thread panicked"))?;
+        Ok(scanned)
+    }
+
+    /// The netns holding `ip`, as a path and the namespace's identity.
+    pub fn lookup(&self, ip: IpAddr) -> Located<'_> {
+        match self.by_ip.get(&ip).map(Vec::as_slice) {
+            None | Some([]) => Located::Missing,
+            Some([(id, path)]) => Located::Found(*id, path),
+            Some(many) => Located::Ambiguous(many.len()),
+        }
+    }
+}
+
+/// Enters the namespace at `path` (on the calling thread) and lists its non-loopback addresses.
+fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
+    let file = File::open(path)?;
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    let mut ips = Vec::new();
+    for ifa in getifaddrs().map_err(io::Error::from)? {
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if !ip.is_loopback() {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
+}
+
+/// Whether `path` still names the namespace `id` (the process behind a `/proc` path may have
+/// exited, or its PID been reused).
+pub fn still_names(path: &Path, id: NsId) -> bool {
+    NsId::of_path(path).is_ok_and(|now| now == id)
+}

@@ -1,0 +1,382 @@
+//! weft driven by a real Kubernetes API server (etcd + kube-apiserver from
+//! scripts/k8s-testenv.sh): namespaces, pods, a service and AuthorizationPolicies are API
+//! objects; each pod is backed by a network namespace of the lab with a process in it, as on a
+//! node. No kubelet runs, so the test sets pod status itself.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::discovery::ApiResource;
+use kube::Client;
+use serde_json::{json, Value};
+
+use common::apiserver::ApiServer;
+use common::lab::Lab;
+use common::*;
+use weft::k8s::KubeSettings;
+use weft::node::{Node, Sources};
+
+async fn start_k8s_node(node: &str, kubeconfig: &Path) -> Node {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let node = Node::start(
+        settings(node),
+        Sources {
+            config_file: None,
+            kubernetes: Some(KubeSettings {
+                kubeconfig: Some(kubeconfig.to_owned()),
+                domain_suffix: "cluster.local".into(),
+            }),
+        },
+        None,
+        None,
+    )
+    .await
+    .expect("node starts");
+    for _ in 0..200 {
+        if node.readiness.is_ready() {
+            return node;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "weft on {node:?} never became ready",
+        node = node.admin_addr
+    );
+}
+
+async fn create<K>(api: &Api<K>, v: Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(v).expect("object");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create")
+}
+
+/// A pod as the API would show it once the kubelet has run it: scheduled, Running, Ready.
+async fn run_pod(client: &Client, ns: &str, name: &str, sa: &str, node: &str, ip: &str, app: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    create(
+        &pods,
+        json!({
+            "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "serviceAccountName": sa,
+                "containers": [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 8080}]}]}
+        }),
+    )
+    .await;
+    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("set pod status");
+}
+
+async fn label_ambient(client: &Client, ns: &str, on: bool) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let value = if on { json!("ambient") } else { Value::Null };
+    let patch = json!({"metadata": {"labels": {"istio.io/dataplane-mode": value}}});
+    namespaces
+        .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("label namespace");
+}
+
+fn policies(client: &Client) -> Api<DynamicObject> {
+    let ar = ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        plural: "authorizationpolicies".into(),
+    };
+    Api::namespaced_with(client.clone(), "shop", &ar)
+}
+
+async fn apply_crd(client: &Client) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("daemonset/crds/authorizationpolicies.security.istio.io.yaml");
+    let text = std::fs::read_to_string(path).expect("CRD manifest");
+    let crd: Value = serde_saphyr::from_str(&text).expect("CRD yaml");
+    let crds: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource {
+            group: "apiextensions.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "apiextensions.k8s.io/v1".into(),
+            kind: "CustomResourceDefinition".into(),
+            plural: "customresourcedefinitions".into(),
+        },
+    );
+    create(&crds, crd).await;
+    // Served once the CRD is Established.
+    for _ in 0..100 {
+        if policies(client).list(&Default::default()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("AuthorizationPolicy CRD never served");
+}
+
+/// Connections b1 accepted from a1 (shop/frontend) in mTLS, as node-b counts them.
+const FROM_FRONTEND_TO_B1: [&str; 4] = [
+    "reporter=\"destination\"",
+    "destination_workload=\"b1\"",
+    "source_principal=\"spiffe://cluster.local/ns/shop/sa/frontend\"",
+    "connection_security_policy=\"mutual_tls\"",
+];
+const OPENED: &str = "istio_tcp_connections_opened_total";
+
+async fn opened_from_frontend(metrics: SocketAddr) -> Option<f64> {
+    metric(&scrape(metrics).await, OPENED, &FROM_FRONTEND_TO_B1)
+}
+
+/// Polls a lab round trip until it gives `want` (bounded): config from the API server arrives
+/// asynchronously.
+async fn eventually_send(lab: &Lab, from: &str, to: &str, port: u16, want_ok: bool) {
+    for _ in 0..60 {
+        let r = lab.send(from, to, port, "probe");
+        if r.is_ok() == want_ok {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!(
+        "{from} -> {to}:{port} never became {}",
+        if want_ok { "allowed" } else { "denied" }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
+    let logs = logs();
+    let api = ApiServer::start();
+    let mut lab = Lab::up(&["a1"]);
+    lab.hold(&["a1", "a2", "b1", "b2"]);
+    let client = weft::k8s::client(&KubeSettings {
+        kubeconfig: Some(api.kubeconfig()),
+        domain_suffix: "cluster.local".into(),
+    })
+    .await
+    .expect("client");
+    apply_crd(&client).await;
+    // weft runs as its DaemonSet's service account, with exactly the RBAC of daemonset/.
+    api.apply(&[
+        "daemonset/namespace.yaml",
+        "daemonset/serviceaccount.yaml",
+        "daemonset/rbac.yaml",
+    ]);
+    let weft_kubeconfig = api.kubeconfig_as("system:serviceaccount:weft-system:weft");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in ["shop", "legacy"] {
+        create(&namespaces, json!({"metadata": {"name": ns}})).await;
+    }
+    run_pod(
+        &client,
+        "shop",
+        "a1",
+        "frontend",
+        "a",
+        "10.250.1.2",
+        "frontend",
+    )
+    .await;
+    run_pod(
+        &client,
+        "shop",
+        "a2",
+        "intruder",
+        "a",
+        "10.250.1.3",
+        "intruder",
+    )
+    .await;
+    run_pod(
+        &client,
+        "shop",
+        "b1",
+        "backend",
+        "b",
+        "10.250.2.2",
+        "backend",
+    )
+    .await;
+    run_pod(
+        &client,
+        "legacy",
+        "b2",
+        "default",
+        "b",
+        "10.250.2.3",
+        "legacy",
+    )
+    .await;
+    let svc = create(
+        &Api::<Service>::namespaced(client.clone(), "shop"),
+        json!({"metadata": {"name": "backend"},
+            "spec": {"selector": {"app": "backend"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+    )
+    .await;
+    let vip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("cluster IP allocated");
+
+    let a = start_k8s_node("a", &weft_kubeconfig).await;
+    let b = start_k8s_node("b", &weft_kubeconfig).await;
+    let b1 = lab.serve("b1", 8080);
+    lab.serve("b2", 8080);
+
+    // Not labelled yet: nothing captured, traffic flows as before.
+    assert!(lab.ruleset("a1").is_none() && lab.ruleset("b1").is_none());
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "plain"),
+        Ok("plain".into())
+    );
+    assert_eq!(b1.next_peer(), "10.250.1.2");
+
+    // Label the namespace: shop's pods are captured on their own nodes, legacy's are not.
+    label_ambient(&client, "shop", true).await;
+    eventually("shop pods captured", || {
+        ["a1", "a2", "b1"].iter().all(|p| lab.ruleset(p).is_some())
+    })
+    .await;
+    assert!(lab.ruleset("b2").is_none(), "legacy is not ambient");
+    let a1_rules = lab.ruleset("a1").expect("a1 captured");
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "via-hbone"),
+        Ok("via-hbone".into())
+    );
+    assert_eq!(b1.next_peer(), "10.250.1.2", "b1 sees a1's own IP");
+    eventually_metric(b.metrics_addr, OPENED, &FROM_FRONTEND_TO_B1, 1.0).await;
+    // The service VIP reaches b1 through its named target port.
+    assert_eq!(
+        lab.send("a1", &vip, 80, "via-service"),
+        Ok("via-service".into())
+    );
+    assert_eq!(b1.next_peer(), "10.250.1.2");
+    let dump = http_get(a.admin_addr, "/config_dump").await;
+    assert!(
+        dump.contains("shop/a1") && dump.contains("/proc/"),
+        "{dump}"
+    );
+    // The legacy pod is reached in plain TCP.
+    assert_eq!(
+        lab.send("a1", "10.250.2.3", 8080, "legacy"),
+        Ok("legacy".into())
+    );
+
+    // A policy from the API: only shop/frontend may reach shop.
+    create(
+        &policies(&client),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "frontend-only"},
+            "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}]}]}}),
+    )
+    .await;
+    eventually_send(&lab, "a2", "10.250.2.2", 8080, false).await;
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "allowed"),
+        Ok("allowed".into())
+    );
+    eventually_metric(
+        b.metrics_addr,
+        "istio_tcp_connections_failed_total",
+        &["source_workload=\"a2\"", "response_flags=\"DENY\""],
+        1.0,
+    )
+    .await;
+    // A policy weft cannot enforce is refused by name; the other stays in force.
+    create(
+        &policies(&client),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "broken"},
+            "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {"ipBlocks": ["not-a-cidr"]}}]}]}}),
+    )
+    .await;
+    eventually("broken policy reported", || {
+        !logs.lines_with("shop/broken").is_empty()
+    })
+    .await;
+    assert!(lab.send("a2", "10.250.2.2", 8080, "still-denied").is_err());
+
+    // The API server goes away and comes back: capture and policy hold meanwhile, the watches
+    // resume, and nothing is captured twice.
+    let before = opened_from_frontend(b.metrics_addr).await.unwrap_or(0.0);
+    api.restart(Duration::from_secs(1));
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "during"),
+        Ok("during".into())
+    );
+    eventually_metric(b.metrics_addr, OPENED, &FROM_FRONTEND_TO_B1, before + 1.0).await;
+    policies(&client)
+        .delete("frontend-only", &DeleteParams::default())
+        .await
+        .expect("delete policy");
+    eventually_send(&lab, "a2", "10.250.2.2", 8080, true).await;
+    assert_eq!(lab.ruleset("a1").as_deref(), Some(a1_rules.as_str()));
+    assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 1);
+    assert_eq!(
+        metric(&scrape(a.metrics_addr).await, "weft_captured_pods", &[]),
+        Some(2.0)
+    );
+
+    // Unlabel: released, and traffic still flows, uncaptured.
+    label_ambient(&client, "shop", false).await;
+    eventually("shop pods released", || {
+        ["a1", "a2", "b1"].iter().all(|p| lab.ruleset(p).is_none())
+    })
+    .await;
+    assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 0);
+    let opened = opened_from_frontend(b.metrics_addr).await;
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "released"),
+        Ok("released".into())
+    );
+    // b1 may have seen the probes of eventually_send; the last peer is a1.
+    let mut last = String::new();
+    while let Ok(p) = b1.peers.recv_timeout(Duration::from_millis(500)) {
+        last = p;
+    }
+    assert_eq!(last, "10.250.1.2");
+    assert_eq!(
+        opened_from_frontend(b.metrics_addr).await,
+        opened,
+        "not tunnelled"
+    );
+
+    // Label again, then delete a pod: its capture goes with it.
+    label_ambient(&client, "shop", true).await;
+    eventually("a2 captured again", || lab.ruleset("a2").is_some()).await;
+    Api::<Pod>::namespaced(client.clone(), "shop")
+        .delete("a2", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete pod");
+    eventually("a2 released after deletion", || lab.ruleset("a2").is_none()).await;
+    assert!(lab.ruleset("a1").is_some(), "a1 stays captured");
+
+    // Deleting the namespace releases the rest (without a namespace controller here, it stays
+    // Terminating: that alone must be enough).
+    Api::<Namespace>::all(client.clone())
+        .delete("shop", &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+    eventually("shop released after namespace deletion", || {
+        ["a1", "b1"].iter().all(|p| lab.ruleset(p).is_none())
+    })
+    .await;
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "after"),
+        Ok("after".into())
+    );
+
+    a.shutdown(Duration::from_millis(200)).await;
+    b.shutdown(Duration::from_millis(200)).await;
+}
