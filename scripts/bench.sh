@@ -271,6 +271,19 @@ stop_tunnel() {
     done
 }
 
+restart_tunnel() {
+    local node p
+    stop_tunnel
+    for node in a b; do
+        p=${tpid[$node]:-}
+        if [ -n "$p" ]; then
+            stop_pid "$p"
+            forget "$p"
+        fi
+    done
+    start_tunnel
+}
+
 # --- measuring ---------------------------------------------------------------------------------
 
 raw=$work/raw.csv
@@ -283,7 +296,10 @@ record() { # run mode metric value unit
 clk=$(getconf CLK_TCK)
 # utime + stime, in clock ticks (the fields after the command name, which may hold spaces).
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+# VmRSS counts the mapped pages of the binary too (shared between the two processes, and with
+# large page-cache folios much of the text); RssAnon is the process's own memory.
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+anon_kib() { awk '/^RssAnon:/ { print $2 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.2f", k / 1024 }'; }
 
 # Prints the values of KEYs from the one JSON object in FILE.
@@ -301,7 +317,7 @@ print(" ".join(str(get(d, k)) for k in keys))
 PY
 }
 
-declare -A rss_load=()
+declare -A rss_load=() anon_load=()
 
 # One iperf3 test: NAME then iperf3 options.
 iperf_test() { # run mode name opts...
@@ -321,6 +337,8 @@ iperf_test() { # run mode name opts...
             [ -n "${tpid[$node]:-}" ] || continue
             r=$(rss_kib "${tpid[$node]}")
             if [ "$r" -gt "${rss_load[$node]:-0}" ]; then rss_load[$node]=$r; fi
+            r=$(anon_kib "${tpid[$node]}")
+            if [ "$r" -gt "${anon_load[$node]:-0}" ]; then anon_load[$node]=$r; fi
         done
         sleep 0.5
     done
@@ -338,19 +356,55 @@ iperf_test() { # run mode name opts...
     done
 }
 
-measure() { # run mode tunnelled(0|1)
-    local run=$1 mode=$2 tunnelled=$3 node after n rate errors cp50 cp99 p50 p99 held
-    local -A before=() base=()
-    rss_load=()
-    if [ "$tunnelled" -eq 1 ]; then
-        sleep 1
-        for node in a b; do
-            if [ -n "${tpid[$node]:-}" ]; then
-                record "$run" "$mode" "rss_idle_node-$node" "$(mib "$(rss_kib "${tpid[$node]}")")" MiB
-            fi
-        done
-    fi
+# The tunnel processes idle, then holding --idle-conns idle tunnelled connections. Runs on fresh
+# processes: memory freed by earlier tests would hide the cost.
+measure_idle() { # run mode
+    local run=$1 mode=$2 node n held rc=0 hp
+    local -A base=()
+    sleep 1
+    for node in a b; do
+        if [ -n "${tpid[$node]:-}" ]; then
+            record "$run" "$mode" "rss_idle_node-$node" "$(mib "$(rss_kib "${tpid[$node]}")")" MiB
+            record "$run" "$mode" "anon_idle_node-$node" "$(mib "$(anon_kib "${tpid[$node]}")")" MiB
+            base[$node]=$(anon_kib "${tpid[$node]}")
+        fi
+    done
+    [ "$idle_conns" -gt 0 ] || return 0
+    ip netns exec "$lab-a1" timeout 150 "$bench_bin" hold --target 10.250.2.2:7000 --count "$idle_conns" \
+        --hold 4 --concurrency 64 --timeout 60 >"$work/hold.json" 2>"$work/hold.err" &
+    hp=$!
+    pids+=("$hp")
+    wait_for 75 "$idle_conns idle connections" grep -qs '"held"' "$work/hold.json" \
+        || { cat "$work/hold.err" >&2; return 1; }
+    sleep 2
+    read -r held < <(jget "$work/hold.json" held)
+    record "$run" "$mode" idle_conns_held "$held" count
+    for node in a b; do
+        [ -n "${tpid[$node]:-}" ] || continue
+        record "$run" "$mode" "rss_idle_conns_node-$node" "$(mib "$(rss_kib "${tpid[$node]}")")" MiB
+        n=$(anon_kib "${tpid[$node]}")
+        record "$run" "$mode" "anon_idle_conns_node-$node" "$(mib "$n")" MiB
+        record "$run" "$mode" "kib_per_idle_conn_node-$node" \
+            "$(awk -v d=$((n - base[$node])) -v h="$held" 'BEGIN { printf "%.2f", (h > 0 ? d / h : 0) }')" KiB
+    done
+    # weft-bench closes them after --hold; timeout bounds it in any case.
+    wait "$hp" || rc=$?
+    forget "$hp"
+    [ "$rc" -eq 0 ] || { cat "$work/hold.err" >&2; return 1; }
+    sleep 2
+    for node in a b; do
+        if [ -n "${tpid[$node]:-}" ]; then
+            record "$run" "$mode" "anon_after_close_node-$node" "$(mib "$(anon_kib "${tpid[$node]}")")" MiB
+        fi
+    done
+}
 
+# Throughput, connection rate and latency; CPU and RSS of the tunnel processes meanwhile.
+measure() { # run mode
+    local run=$1 mode=$2 node after n rate errors cp50 cp99 p50 p99
+    local -A before=()
+    rss_load=()
+    anon_load=()
     iperf_test "$run" "$mode" 1x -P 1
     iperf_test "$run" "$mode" 4x -P 4
     iperf_test "$run" "$mode" 1x_reverse -P 1 -R
@@ -358,6 +412,7 @@ measure() { # run mode tunnelled(0|1)
     for node in a b; do
         if [ -n "${rss_load[$node]:-}" ]; then
             record "$run" "$mode" "rss_load_node-$node" "$(mib "${rss_load[$node]}")" MiB
+            record "$run" "$mode" "anon_load_node-$node" "$(mib "${anon_load[$node]}")" MiB
         fi
     done
 
@@ -387,33 +442,6 @@ measure() { # run mode tunnelled(0|1)
     record "$run" "$mode" latency_p50 "$p50" us
     record "$run" "$mode" latency_p99 "$p99" us
 
-    if [ "$tunnelled" -eq 1 ] && [ "$idle_conns" -gt 0 ] && [ -n "${tpid[a]:-}${tpid[b]:-}" ]; then
-        sleep 1
-        for node in a b; do
-            if [ -n "${tpid[$node]:-}" ]; then base[$node]=$(rss_kib "${tpid[$node]}"); fi
-        done
-        ip netns exec "$lab-a1" timeout 150 "$bench_bin" hold --target 10.250.2.2:7000 --count "$idle_conns" --hold 6 \
-            --concurrency 64 --timeout 60 >"$work/hold.json" 2>"$work/hold.err" &
-        local hp=$!
-        pids+=("$hp")
-        wait_for 75 "$idle_conns idle connections" grep -qs '"held"' "$work/hold.json" \
-            || { cat "$work/hold.err" >&2; return 1; }
-        sleep 2
-        read -r held < <(jget "$work/hold.json" held)
-        record "$run" "$mode" idle_conns_held "$held" count
-        for node in a b; do
-            [ -n "${tpid[$node]:-}" ] || continue
-            n=$(rss_kib "${tpid[$node]}")
-            record "$run" "$mode" "rss_idle_conns_node-$node" "$(mib "$n")" MiB
-            record "$run" "$mode" "kib_per_idle_conn_node-$node" \
-                "$(awk -v d=$((n - base[$node])) -v h="$held" 'BEGIN { printf "%.2f", (h > 0 ? d / h : 0) }')" KiB
-        done
-        # weft-bench closes them after --hold; timeout bounds it in any case.
-        local rc=0
-        wait "$hp" || rc=$?
-        forget "$hp"
-        [ "$rc" -eq 0 ] || { cat "$work/hold.err" >&2; return 1; }
-    fi
 }
 
 # --- the runs ----------------------------------------------------------------------------------
@@ -435,15 +463,20 @@ for run in $(seq "$runs"); do
         say "run $run/$runs: $mode"
         lab_up
         tpid=()
+        start_servers
         if [ "$mode" != direct ]; then
             "tunnel_${kind}_config" "$work" "$lab"
             start_tunnel
+            measure_idle "$run" "$mode"
+            # Fresh processes for the rest, so the load figures do not carry the idle test's heap.
+            restart_tunnel
         fi
-        start_servers
-        measure "$run" "$mode" "$([ "$mode" = direct ] && echo 0 || echo 1)"
+        measure "$run" "$mode"
         stop_tunnel
         stop_all
         bash "$repo/scripts/lab.sh" down "$lab"
+        # The kernel tears the namespaces down in the background; let it finish first.
+        sleep 3
     done
 done
 load_end=$(load1)

@@ -73,6 +73,10 @@ enum Command {
         /// Request (and reply) payload in bytes.
         #[arg(long, default_value_t = 64)]
         size: u16,
+        /// The client closes first (echo, then half-close) instead of the server: TIME_WAIT then
+        /// lands on the client side of every hop, as with most request/response clients.
+        #[arg(long)]
+        client_closes: bool,
     },
     /// Round-trip latency on one warm connection: p50/p90/p99 of `count` echoes.
     Latency {
@@ -133,13 +137,20 @@ fn main() -> anyhow::Result<()> {
                 max,
                 concurrency,
                 size,
+                client_closes,
             } => {
+                let order = if client_closes {
+                    CloseOrder::ClientFirst
+                } else {
+                    CloseOrder::ServerFirst
+                };
                 connrate(
                     target,
                     Duration::from_secs(duration),
                     max,
                     concurrency,
                     size,
+                    order,
                 )
                 .await
             }
@@ -279,12 +290,64 @@ async fn serve_one(mut s: TcpStream) -> std::io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // connrate
 
-async fn request_reply(target: SocketAddr, request: Arc<Vec<u8>>) -> anyhow::Result<()> {
+/// Which side of a connection-rate connection sends the first FIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CloseOrder {
+    /// `R` request: the server answers and closes; the client reads to EOF.
+    ServerFirst,
+    /// `E` echo: the client reads its echo, half-closes, then reads the server's EOF.
+    ClientFirst,
+}
+
+impl CloseOrder {
+    fn name(self) -> &'static str {
+        match self {
+            CloseOrder::ServerFirst => "server",
+            CloseOrder::ClientFirst => "client",
+        }
+    }
+
+    /// The bytes a client sends for a payload of `size` bytes.
+    fn request(self, size: u16) -> Vec<u8> {
+        let mut request = match self {
+            CloseOrder::ServerFirst => {
+                let mut r = vec![REQUEST];
+                r.extend_from_slice(&size.to_be_bytes());
+                r
+            }
+            CloseOrder::ClientFirst => vec![ECHO],
+        };
+        request.resize(request.len() + size as usize, 0x5a);
+        request
+    }
+}
+
+async fn request_reply(
+    target: SocketAddr,
+    request: Arc<Vec<u8>>,
+    order: CloseOrder,
+) -> anyhow::Result<()> {
     let mut s = connect(target).await?;
     bounded("sending the request", s.write_all(&request)).await?;
     let mut reply = Vec::with_capacity(request.len());
-    bounded("reading the reply", s.read_to_end(&mut reply)).await?;
-    let want = request.len() - 3;
+    let want = match order {
+        CloseOrder::ServerFirst => {
+            bounded("reading the reply", s.read_to_end(&mut reply)).await?;
+            request.len() - 3
+        }
+        CloseOrder::ClientFirst => {
+            let want = request.len() - 1;
+            reply.resize(want, 0);
+            bounded("reading the echo", s.read_exact(&mut reply)).await?;
+            bounded("half-closing", s.shutdown()).await?;
+            let mut rest = Vec::new();
+            bounded("waiting for the server to close", s.read_to_end(&mut rest)).await?;
+            if !rest.is_empty() {
+                bail!("{} unexpected bytes after the echo", rest.len());
+            }
+            want
+        }
+    };
     if reply.len() != want {
         bail!("reply of {} bytes, expected {want}", reply.len());
     }
@@ -297,13 +360,11 @@ async fn connrate(
     max: u64,
     concurrency: u64,
     size: u16,
+    order: CloseOrder,
 ) -> anyhow::Result<()> {
-    let mut request = vec![REQUEST];
-    request.extend_from_slice(&size.to_be_bytes());
-    request.resize(3 + size as usize, 0x5a);
-    let request = Arc::new(request);
+    let request = Arc::new(order.request(size));
     // One probe first: a target that does not answer at all is an error, not a rate of zero.
-    request_reply(target, request.clone())
+    request_reply(target, request.clone(), order)
         .await
         .with_context(|| format!("first request to {target}"))?;
 
@@ -319,7 +380,7 @@ async fn connrate(
                 let mut first_error = None;
                 while Instant::now() < deadline && started.fetch_add(1, Ordering::Relaxed) < max {
                     let t = Instant::now();
-                    match request_reply(target, request.clone()).await {
+                    match request_reply(target, request.clone(), order).await {
                         Ok(()) => ok.push(t.elapsed()),
                         Err(e) => {
                             errors += 1;
@@ -348,15 +409,17 @@ async fn connrate(
     let (p50, p99) = (quantile_us(&mut times, 0.50), quantile_us(&mut times, 0.99));
     eprintln!(
         "weft-bench connrate {target}: {n} connections in {secs:.2}s = {rate:.0}/s, \
-         {errors} errors, per connection p50 {p50:.0} µs p99 {p99:.0} µs"
+         {errors} errors, per connection p50 {p50:.0} µs p99 {p99:.0} µs ({} closes first)",
+        order.name()
     );
     if let Some(e) = &first_error {
         eprintln!("weft-bench connrate: first error: {e}");
     }
     println!(
         "{{\"test\":\"connrate\",\"target\":\"{target}\",\"concurrency\":{concurrency},\
-         \"connections\":{n},\"errors\":{errors},\"seconds\":{secs:.3},\"per_second\":{rate:.1},\
-         \"p50_us\":{p50:.1},\"p99_us\":{p99:.1}}}"
+         \"closes_first\":\"{}\",\"connections\":{n},\"errors\":{errors},\"seconds\":{secs:.3},\
+         \"per_second\":{rate:.1},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1}}}",
+        order.name()
     );
     Ok(())
 }
