@@ -5,6 +5,7 @@
 //! mutual TLS with SPIFFE identities), enforcing L4 authorization on arrival.
 
 pub mod admin;
+pub mod allocator;
 pub mod authz;
 pub mod capture;
 pub mod config;

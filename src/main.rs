@@ -224,6 +224,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
+    weft::allocator::tune();
     let cli = Cli::parse();
     // kube and rcgen may pull in ring too; pick aws-lc-rs explicitly so rustls never has to guess.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

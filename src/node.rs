@@ -117,6 +117,7 @@ impl Node {
         );
         tasks.push(tokio::spawn(pool.clone().run_reaper()));
         tasks.push(tokio::spawn(certs.clone().run_renewals()));
+        tasks.push(tokio::spawn(crate::allocator::release_free_memory()));
         let ctx = Arc::new(ProxyContext {
             settings: settings.clone(),
             state: state.clone(),

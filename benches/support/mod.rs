@@ -129,6 +129,8 @@ pub struct Lab {
 
 impl Lab {
     pub fn start() -> anyhow::Result<Lab> {
+        // As the weft binary does, before any thread starts.
+        weft::allocator::tune();
         quiet_logging();
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -10,8 +10,9 @@ use super::{CaptureError, Netns, PodCapture, RouteParams, RuleParams};
 use crate::config::Settings;
 use crate::proxy::socket::{ListenOptions, LocalSockets, SocketFactory};
 
-/// Sockets made by the namespace's worker thread: they live in the pod's namespace, so
-/// listeners see the pod's traffic and upstream connections leave with the pod's address.
+/// Sockets made inside the pod's namespace (listeners by its worker thread, per-connection
+/// sockets by the calling thread, briefly entering it): they live there, so listeners see the
+/// pod's traffic and upstream connections leave with the pod's address.
 #[derive(Debug)]
 struct NetnsSockets {
     netns: Netns,
@@ -24,9 +25,8 @@ fn worker_error(e: CaptureError) -> io::Error {
 
 impl SocketFactory for NetnsSockets {
     fn tcp(&self, ip: IpAddr) -> io::Result<socket2::Socket> {
-        let local = self.local.clone();
         self.netns
-            .run(move || local.tcp(ip))
+            .run_here(|| self.local.tcp(ip))
             .map_err(worker_error)?
     }
 

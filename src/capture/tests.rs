@@ -279,6 +279,46 @@ fn weft_routes(ns: &TestNs, family: &str) -> String {
 }
 
 #[test]
+fn run_here_enters_for_the_closure_and_comes_back() {
+    require_root!();
+    let t = TestNs::new();
+    t.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    t.ip(&["addr", "add", "10.250.9.2/32", "dev", "v0"]);
+    t.ip(&["link", "set", "v0", "up"]);
+    let ns = t.open();
+    let before = this_thread_netns();
+    let addr: SocketAddr = "10.250.9.2:0".parse().expect("addr");
+
+    let (inside_ns, bound) = ns
+        .run_here(|| (this_thread_netns(), std::net::TcpListener::bind(addr)))
+        .expect("run_here");
+    assert_eq!(inside_ns, ns.id(), "the closure ran in the pod namespace");
+    let listener = bound.expect("the address exists only inside: bind there");
+    assert_eq!(this_thread_netns(), before, "the thread came back");
+    assert!(
+        std::net::TcpListener::bind(addr).is_err(),
+        "address leaked into the caller's namespace"
+    );
+    // The socket stays in the namespace it was made in: reachable from inside only.
+    let port = listener.local_addr().expect("local addr").port();
+    let reached = ns
+        .run(move || std::net::TcpStream::connect(("10.250.9.2", port)).is_ok())
+        .expect("run");
+    assert!(reached);
+
+    // A panic inside still brings the thread home.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = ns.run_here(|| panic!("inside"));
+    }));
+    assert!(r.is_err());
+    assert_eq!(
+        this_thread_netns(),
+        before,
+        "the thread came back after a panic"
+    );
+}
+
+#[test]
 fn run_executes_inside_the_namespace() {
     require_root!();
     let t = TestNs::new();

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::labels::ResponseFlags;
+use super::labels::{ConnLabels, ResponseFlags, UNKNOWN};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -26,12 +26,6 @@ pub struct AccessLogEntry {
     pub direction: Direction,
     pub src_addr: SocketAddr,
     pub dst_addr: SocketAddr,
-    pub src_workload: String,
-    pub src_namespace: String,
-    pub src_identity: String,
-    pub dst_workload: String,
-    pub dst_namespace: String,
-    pub dst_identity: String,
     /// Where weft actually sent the bytes (a tunnel endpoint, or the app).
     pub upstream: Option<SocketAddr>,
     pub protocol: &'static str,
@@ -48,12 +42,6 @@ impl AccessLogEntry {
             direction,
             src_addr,
             dst_addr,
-            src_workload: String::new(),
-            src_namespace: String::new(),
-            src_identity: String::new(),
-            dst_workload: String::new(),
-            dst_namespace: String::new(),
-            dst_identity: String::new(),
             upstream: None,
             protocol: "tcp",
             bytes_to_server: 0,
@@ -65,38 +53,36 @@ impl AccessLogEntry {
     }
 }
 
+/// The log says `-` where the metrics say `unknown`.
 fn dash(s: &str) -> &str {
-    if s.is_empty() {
+    if s.is_empty() || s == UNKNOWN {
         "-"
     } else {
         s
     }
 }
 
-pub fn emit(e: &AccessLogEntry) {
+/// Writes the line. Names and identities come from the connection's metric labels, which
+/// already hold them resolved once.
+pub fn emit(e: &AccessLogEntry, who: &ConnLabels) {
     let upstream = e.upstream.map(|u| u.to_string());
-    let flags = match e.response_flags {
-        ResponseFlags::None => "-",
-        ResponseFlags::Deny => "DENY",
-        ResponseFlags::Connect => "CONNECT",
-    };
     tracing::info!(
         target: "access",
         direction = e.direction.as_str(),
         src.addr = %e.src_addr,
-        src.workload = dash(&e.src_workload),
-        src.namespace = dash(&e.src_namespace),
-        src.identity = dash(&e.src_identity),
+        src.workload = dash(&who.source_workload),
+        src.namespace = dash(&who.source_workload_namespace),
+        src.identity = dash(&who.source_principal),
         dst.addr = %e.dst_addr,
-        dst.workload = dash(&e.dst_workload),
-        dst.namespace = dash(&e.dst_namespace),
-        dst.identity = dash(&e.dst_identity),
+        dst.workload = dash(&who.destination_workload),
+        dst.namespace = dash(&who.destination_workload_namespace),
+        dst.identity = dash(&who.destination_principal),
         upstream = upstream.as_deref().unwrap_or("-"),
         protocol = e.protocol,
         bytes_sent = e.bytes_to_server,
         bytes_recv = e.bytes_to_client,
         duration_ms = e.duration.as_millis() as u64,
-        response_flags = flags,
+        response_flags = e.response_flags.as_str(),
         error = e.error.as_deref().unwrap_or("-"),
         "connection complete"
     );

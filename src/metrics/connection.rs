@@ -22,10 +22,34 @@ pub struct ByteCounters {
     pub to_client: Counter,
 }
 
+/// The counters of one label set, resolved once and shared by every connection that has the
+/// same label set: a connection holds one `Arc` of it instead of its own copy of twenty label
+/// strings, and opening or closing it costs no label lookup.
+#[derive(Debug)]
+pub struct ConnSeries {
+    pub labels: ConnLabels,
+    opened: Counter,
+    closed: Counter,
+    pub bytes: ByteCounters,
+}
+
+impl ConnSeries {
+    pub(super) fn new(metrics: &Metrics, labels: ConnLabels) -> Self {
+        ConnSeries {
+            opened: metrics.connections_opened.get_or_create(&labels).clone(),
+            closed: metrics.connections_closed.get_or_create(&labels).clone(),
+            bytes: ByteCounters {
+                to_server: metrics.received_bytes.get_or_create(&labels).clone(),
+                to_client: metrics.sent_bytes.get_or_create(&labels).clone(),
+            },
+            labels,
+        }
+    }
+}
+
 pub struct ConnectionGuard {
     metrics: Arc<Metrics>,
-    labels: ConnLabels,
-    counters: ByteCounters,
+    series: Arc<ConnSeries>,
     entry: AccessLogEntry,
     start: Instant,
     failure: Option<(ResponseFlags, String)>,
@@ -33,15 +57,11 @@ pub struct ConnectionGuard {
 
 impl ConnectionGuard {
     pub fn open(metrics: Arc<Metrics>, labels: ConnLabels, entry: AccessLogEntry) -> Self {
-        metrics.connections_opened.get_or_create(&labels).inc();
-        let counters = ByteCounters {
-            to_server: metrics.received_bytes.get_or_create(&labels).clone(),
-            to_client: metrics.sent_bytes.get_or_create(&labels).clone(),
-        };
+        let series = metrics.series(labels);
+        series.opened.inc();
         ConnectionGuard {
             metrics,
-            labels,
-            counters,
+            series,
             entry,
             start: Instant::now(),
             failure: None,
@@ -49,7 +69,7 @@ impl ConnectionGuard {
     }
 
     pub fn counters(&self) -> &ByteCounters {
-        &self.counters
+        &self.series.bytes
     }
 
     /// Totals for the access log, as counted by the relay.
@@ -79,13 +99,11 @@ impl Drop for ConnectionGuard {
         self.entry.duration = self.start.elapsed();
         match self.failure.take() {
             None => {
-                self.metrics
-                    .connections_closed
-                    .get_or_create(&self.labels)
-                    .inc();
+                self.series.closed.inc();
             }
             Some((flags, error)) => {
-                let mut labels = self.labels.clone();
+                // Failures are the rare path: their label sets are looked up here, not cached.
+                let mut labels = self.series.labels.clone();
                 labels.response_flags = flags;
                 self.metrics.connections_closed.get_or_create(&labels).inc();
                 self.metrics.connections_failed.get_or_create(&labels).inc();
@@ -93,6 +111,6 @@ impl Drop for ConnectionGuard {
                 self.entry.response_flags = flags;
             }
         }
-        access_log::emit(&self.entry);
+        access_log::emit(&self.entry, &self.series.labels);
     }
 }

@@ -5,7 +5,8 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use crate::identity::Identity;
 use crate::state::{Service, Workload};
 
-const UNKNOWN: &str = "unknown";
+/// The value of a label weft could not resolve, as Istio writes it.
+pub const UNKNOWN: &str = "unknown";
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -31,17 +32,22 @@ pub enum ResponseFlags {
     Connect,
 }
 
+impl ResponseFlags {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Deny => "DENY",
+            ResponseFlags::Connect => "CONNECT",
+        }
+    }
+}
+
 impl EncodeLabelValue for ResponseFlags {
     fn encode(
         &self,
         encoder: &mut prometheus_client::encoding::LabelValueEncoder,
     ) -> Result<(), std::fmt::Error> {
-        let s = match self {
-            ResponseFlags::None => "-",
-            ResponseFlags::Deny => "DENY",
-            ResponseFlags::Connect => "CONNECT",
-        };
-        EncodeLabelValue::encode(&s, encoder)
+        EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
 

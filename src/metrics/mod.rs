@@ -7,8 +7,9 @@ pub mod access_log;
 pub mod connection;
 pub mod labels;
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -17,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+pub use connection::ConnSeries;
 pub use labels::ConnLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +56,9 @@ pub struct Metrics {
     pub worker_threads: Gauge,
     /// Serialises scrapes so the process gauges are set and read as one.
     scrape: Mutex<()>,
+    /// Every connection label set seen, with its counters. Like the families above it only
+    /// grows: a series, once exported, stays.
+    series: RwLock<HashMap<ConnLabels, Arc<ConnSeries>>>,
 }
 
 impl Default for Metrics {
@@ -79,6 +84,7 @@ impl Metrics {
             open_fds: Gauge::default(),
             worker_threads: Gauge::default(),
             scrape: Mutex::new(()),
+            series: RwLock::default(),
             registry: Registry::default(),
         };
         // Istio's names; prometheus-client appends `_total` to counters.
@@ -163,6 +169,22 @@ impl Metrics {
             }
         }
         Ok(out)
+    }
+
+    /// The shared counters of a connection label set.
+    pub fn series(&self, labels: ConnLabels) -> Arc<ConnSeries> {
+        if let Some(s) = self
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&labels)
+        {
+            return s.clone();
+        }
+        let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
+        all.entry(labels.clone())
+            .or_insert_with(|| Arc::new(ConnSeries::new(self, labels)))
+            .clone()
     }
 
     pub fn record_reload(&self, ok: bool) {

@@ -1,7 +1,9 @@
 //! Inbound HBONE: a CONNECT stream from a peer weft (or ztunnel) is authorized and connected to
 //! the app, from the client's own source IP.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +14,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::authorize;
-use super::relay::{self, TcpSide};
+use super::relay::{self, TcpSide, Transferred};
 use super::socket::{self, SocketFactory};
-use super::tracker::AdmittedConnection;
+use super::tracker::{AdmittedConnection, TrackedConnection};
 use super::ProxyContext;
 use crate::hbone::server::{reply, StreamHandler, TunnelPeer};
 use crate::hbone::{wire, H2Stream};
@@ -63,14 +65,48 @@ pub async fn connect_upstream(
     }
 }
 
+/// An inbound connection that passed authorization and reached the app.
+struct Admitted {
+    upstream: TcpStream,
+    stream: H2Stream,
+    guard: ConnectionGuard,
+    tracked: TrackedConnection,
+}
+
 impl StreamHandler for Inbound {
     async fn handle(
         self: Arc<Self>,
         peer: Arc<TunnelPeer>,
         dest: SocketAddr,
         req: Request<h2::RecvStream>,
-        mut respond: SendResponse<Bytes>,
+        respond: SendResponse<Bytes>,
     ) {
+        // Boxed for the reason given in `Outbound::handle`: only relaying state stays.
+        let Some(Admitted {
+            upstream,
+            stream,
+            mut guard,
+            tracked,
+        }) = Box::pin(self.admit(peer, dest, req, respond)).await
+        else {
+            return;
+        };
+        let counters = guard.counters().clone();
+        let relay = pin!(relay::tcp_h2(upstream, stream, TcpSide::Server, &counters));
+        relay_admitted(&self.ctx, &mut guard, &tracked, relay).await;
+    }
+}
+
+impl Inbound {
+    /// Authorizes the stream and connects to the app, answering the peer: 200 once both
+    /// succeeded, else 400/401/503 and `None` (the guard has recorded why).
+    async fn admit(
+        &self,
+        peer: Arc<TunnelPeer>,
+        dest: SocketAddr,
+        req: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) -> Option<Admitted> {
         let snap = self.ctx.state.snapshot();
         let dst = snap.workload_by_ip(dest.ip()).cloned();
         let client_ip = wire::canonical(peer.addr.ip());
@@ -95,20 +131,6 @@ impl StreamHandler for Inbound {
         let mut entry = AccessLogEntry::new(Direction::Inbound, client_addr, dest);
         entry.protocol = "HBONE";
         entry.upstream = Some(dest);
-        if let Some(s) = &src {
-            entry.src_workload = s.workload_name_or_name().to_string();
-            entry.src_namespace = s.namespace.clone();
-        }
-        if let Some(id) = &src_identity {
-            entry.src_identity = id.to_string();
-        }
-        if let Some(d) = &dst {
-            entry.dst_workload = d.workload_name_or_name().to_string();
-            entry.dst_namespace = d.namespace.clone();
-        }
-        if let Some(id) = &dst_identity {
-            entry.dst_identity = id.to_string();
-        }
         let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
 
         if self.ctx.own_ports().contains(&dest.port()) {
@@ -117,7 +139,7 @@ impl StreamHandler for Inbound {
                 ResponseFlags::Connect,
                 format!("{dest} is one of weft's own ports"),
             );
-            return;
+            return None;
         }
         let Some(dst) = dst else {
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -125,7 +147,7 @@ impl StreamHandler for Inbound {
                 ResponseFlags::Connect,
                 format!("no workload has address {}", dest.ip()),
             );
-            return;
+            return None;
         };
         let admitted = AdmittedConnection {
             destination_uid: dst.uid.clone(),
@@ -137,7 +159,7 @@ impl StreamHandler for Inbound {
         if let Err(reason) = authorize::check(&snap, &dst, &admitted) {
             reply(&mut respond, StatusCode::UNAUTHORIZED);
             guard.fail(ResponseFlags::Deny, reason);
-            return;
+            return None;
         }
         drop(snap);
         let upstream = match connect_upstream(&self.ctx, &*self.factory, dest, client_ip).await {
@@ -145,7 +167,7 @@ impl StreamHandler for Inbound {
             Err(e) => {
                 reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 guard.fail(ResponseFlags::Connect, format!("connecting to {dest}: {e}"));
-                return;
+                return None;
             }
         };
         let send = match respond.send_response(Response::new(()), false) {
@@ -153,25 +175,34 @@ impl StreamHandler for Inbound {
             Err(e) => {
                 debug!(error = %e, "client went away before the tunnel opened");
                 guard.fail(ResponseFlags::Connect, e);
-                return;
+                return None;
             }
         };
-        let tracked = self.ctx.tracker.track(admitted);
-        let stream = H2Stream {
-            send,
-            recv: req.into_body(),
-        };
-        tokio::select! {
-            (t, result) = relay::tcp_h2(upstream, stream, TcpSide::Server, guard.counters()) => {
-                guard.set_bytes(t.to_server, t.to_client);
-                if let Err(e) = result {
-                    guard.note_error(e);
-                }
-            }
-            () = tracked.revoked() => {
-                self.ctx.metrics.connections_closed_by_policy.inc();
-                guard.fail(ResponseFlags::Deny, "closed: a policy change no longer allows it");
-            }
+        Some(Admitted {
+            upstream,
+            stream: H2Stream {
+                send,
+                recv: req.into_body(),
+            },
+            guard,
+            tracked: self.ctx.tracker.track(admitted),
+        })
+    }
+}
+
+/// Relays an admitted connection until it ends, or until a policy change no longer allows it.
+/// The relay is pinned by the caller (see `relay::both` for why).
+pub(super) async fn relay_admitted(
+    ctx: &ProxyContext,
+    guard: &mut ConnectionGuard,
+    tracked: &TrackedConnection,
+    relay: Pin<&mut impl Future<Output = (Transferred, std::io::Result<()>)>>,
+) {
+    tokio::select! {
+        outcome = relay => relay::record(guard, outcome),
+        () = tracked.revoked() => {
+            ctx.metrics.connections_closed_by_policy.inc();
+            guard.fail(ResponseFlags::Deny, "closed: a policy change no longer allows it");
         }
     }
 }

@@ -2,15 +2,16 @@
 //! only its IP (no identity), then the connection goes to the app.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
 use super::authorize;
-use super::inbound::connect_upstream;
+use super::inbound::{connect_upstream, relay_admitted};
 use super::relay;
-use super::socket::{self, SocketFactory};
-use super::tracker::AdmittedConnection;
+use super::socket::SocketFactory;
+use super::tracker::{AdmittedConnection, TrackedConnection};
 use super::ProxyContext;
 use crate::hbone::wire;
 use crate::metrics::access_log::{AccessLogEntry, Direction};
@@ -24,10 +25,25 @@ pub struct InboundPlain {
 
 impl InboundPlain {
     pub async fn handle(self: Arc<Self>, client: TcpStream, original_dst: SocketAddr) {
-        let Ok(client_addr) = client.peer_addr() else {
+        // Boxed for the reason given in `Outbound::handle`: only relaying state stays.
+        let Some((upstream, mut guard, tracked)) =
+            Box::pin(self.admit(&client, original_dst)).await
+        else {
             return;
         };
-        socket::tune(&client);
+        let counters = guard.counters().clone();
+        let relay = pin!(relay::tcp_tcp(client, upstream, &counters));
+        relay_admitted(&self.ctx, &mut guard, &tracked, relay).await;
+    }
+
+    /// Authorizes the client by its address and connects to the app; `None` when either
+    /// failed (the guard has recorded why).
+    async fn admit(
+        &self,
+        client: &TcpStream,
+        original_dst: SocketAddr,
+    ) -> Option<(TcpStream, ConnectionGuard, TrackedConnection)> {
+        let client_addr = client.peer_addr().ok()?;
         let client_ip = wire::canonical(client_addr.ip());
         let snap = self.ctx.state.snapshot();
         let dst = snap.workload_by_ip(original_dst.ip()).cloned();
@@ -49,29 +65,20 @@ impl InboundPlain {
         );
         let mut entry = AccessLogEntry::new(Direction::Inbound, client_addr, original_dst);
         entry.upstream = Some(original_dst);
-        if let Some(s) = &src {
-            entry.src_workload = s.workload_name_or_name().to_string();
-            entry.src_namespace = s.namespace.clone();
-        }
-        if let Some(d) = &dst {
-            entry.dst_workload = d.workload_name_or_name().to_string();
-            entry.dst_namespace = d.namespace.clone();
-            entry.dst_identity = d.identity().to_string();
-        }
         let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
         if self.ctx.own_ports().contains(&original_dst.port()) {
             guard.fail(
                 ResponseFlags::Connect,
                 format!("{original_dst} is one of weft's own ports"),
             );
-            return;
+            return None;
         }
         let Some(dst) = dst else {
             guard.fail(
                 ResponseFlags::Connect,
                 format!("no workload has address {}", original_dst.ip()),
             );
-            return;
+            return None;
         };
         let admitted = AdmittedConnection {
             destination_uid: dst.uid.clone(),
@@ -82,31 +89,17 @@ impl InboundPlain {
         };
         if let Err(reason) = authorize::check(&snap, &dst, &admitted) {
             guard.fail(ResponseFlags::Deny, reason);
-            return;
+            return None;
         }
         drop(snap);
-        let upstream =
-            match connect_upstream(&self.ctx, &*self.factory, original_dst, client_ip).await {
-                Ok(s) => s,
-                Err(e) => {
-                    guard.fail(
-                        ResponseFlags::Connect,
-                        format!("connecting to {original_dst}: {e}"),
-                    );
-                    return;
-                }
-            };
-        let tracked = self.ctx.tracker.track(admitted);
-        tokio::select! {
-            (t, result) = relay::tcp_tcp(client, upstream, guard.counters()) => {
-                guard.set_bytes(t.to_server, t.to_client);
-                if let Err(e) = result {
-                    guard.note_error(e);
-                }
-            }
-            () = tracked.revoked() => {
-                self.ctx.metrics.connections_closed_by_policy.inc();
-                guard.fail(ResponseFlags::Deny, "closed: a policy change no longer allows it");
+        match connect_upstream(&self.ctx, &*self.factory, original_dst, client_ip).await {
+            Ok(upstream) => Some((upstream, guard, self.ctx.tracker.track(admitted))),
+            Err(e) => {
+                guard.fail(
+                    ResponseFlags::Connect,
+                    format!("connecting to {original_dst}: {e}"),
+                );
+                None
             }
         }
     }

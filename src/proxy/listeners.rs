@@ -234,7 +234,8 @@ where
 /// listener (not redirected) is refused: proxying it would loop back to weft.
 pub fn original_destination(s: &TcpStream, listener_addr: SocketAddr) -> io::Result<SocketAddr> {
     use nix::sys::socket::{getsockopt, sockopt};
-    let dst = if s.local_addr()?.is_ipv4() {
+    let local = s.local_addr()?;
+    let dst = if local.is_ipv4() {
         let a = getsockopt(&s.as_fd(), sockopt::OriginalDst).map_err(io::Error::from)?;
         SocketAddr::from((
             std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
@@ -247,7 +248,6 @@ pub fn original_destination(s: &TcpStream, listener_addr: SocketAddr) -> io::Res
             u16::from_be(a.sin6_port),
         ))
     };
-    let local = s.local_addr()?;
     if dst == local || dst.port() == listener_addr.port() && dst.ip() == local.ip() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

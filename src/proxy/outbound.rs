@@ -12,7 +12,7 @@ use super::route::{decide, Route, Transport};
 use super::socket::{self, SocketFactory};
 use super::ProxyContext;
 use crate::hbone::client::{self, open_stream};
-use crate::hbone::pool::{PoolError, PoolKey};
+use crate::hbone::pool::{Lease, PoolError, PoolKey};
 use crate::hbone::wire::{self, ConnectRequest};
 use crate::hbone::{H2Stream, HboneError};
 use crate::identity::Identity;
@@ -38,16 +38,54 @@ fn source_ip(source: &Workload, dest: SocketAddr) -> Option<IpAddr> {
         .find(|ip| ip.is_ipv4() == dest.is_ipv4())
 }
 
+/// Where an established outbound connection's bytes go.
+enum Upstream {
+    /// A CONNECT stream; the lease keeps its pooled connection's stream slot.
+    Tunnel(Lease, H2Stream),
+    /// Plain TCP to the original destination.
+    Direct(TcpStream),
+}
+
+/// An outbound connection whose upstream is in place: all that relaying needs.
+struct Established {
+    client: TcpStream,
+    upstream: Upstream,
+    guard: ConnectionGuard,
+}
+
 impl Outbound {
     pub async fn handle(self: Arc<Self>, client: TcpStream, original_dst: SocketAddr) {
-        let Ok(client_addr) = client.peer_addr() else {
+        // Setting up holds far more state than relaying (routing, the pool, the tunnel
+        // handshake); boxed, that state is freed once the connection is established, so a
+        // long-lived connection costs only what relaying needs.
+        let Some(Established {
+            client,
+            upstream,
+            mut guard,
+        }) = Box::pin(self.establish(client, original_dst)).await
+        else {
             return;
         };
-        socket::tune(&client);
+        let outcome = match upstream {
+            Upstream::Tunnel(lease, stream) => {
+                let outcome =
+                    relay::tcp_h2(client, stream, TcpSide::Client, guard.counters()).await;
+                drop(lease);
+                outcome
+            }
+            Upstream::Direct(upstream) => relay::tcp_tcp(client, upstream, guard.counters()).await,
+        };
+        relay::record(&mut guard, outcome);
+    }
+
+    /// Routes the connection and opens its upstream; `None` when that failed (the guard has
+    /// recorded why).
+    async fn establish(&self, client: TcpStream, original_dst: SocketAddr) -> Option<Established> {
+        let client_addr = client.peer_addr().ok()?;
         let snap = self.ctx.state.snapshot();
         let Some(source) = snap.workload_by_uid(&self.source_uid).cloned() else {
             debug!(uid = %self.source_uid, "source workload is gone; dropping connection");
-            return;
+            return None;
         };
         let route = decide(
             &snap,
@@ -61,11 +99,11 @@ impl Outbound {
             Ok(Route {
                 transport: Transport::Hbone { identities, .. },
                 ..
-            }) => (true, identities.first().cloned()),
+            }) => (true, identities.first()),
             _ => (false, None),
         };
         let (dst_wl, dst_svc) = match &route {
-            Ok(r) => (r.destination.clone(), r.service.clone()),
+            Ok(r) => (r.destination.as_deref(), r.service.as_deref()),
             Err(_) => (None, None),
         };
         let labels = ConnLabels::new(
@@ -73,23 +111,13 @@ impl Outbound {
             &Peers {
                 source: Some(&source),
                 source_identity: Some(&src_identity),
-                destination: dst_wl.as_deref(),
-                destination_identity: dst_identity.as_ref(),
-                destination_service: dst_svc.as_deref(),
+                destination: dst_wl,
+                destination_identity: dst_identity,
+                destination_service: dst_svc,
             },
             mtls,
         );
         let mut entry = AccessLogEntry::new(Direction::Outbound, client_addr, original_dst);
-        entry.src_workload = source.workload_name_or_name().to_string();
-        entry.src_namespace = source.namespace.clone();
-        entry.src_identity = src_identity.to_string();
-        if let Some(d) = &dst_wl {
-            entry.dst_workload = d.workload_name_or_name().to_string();
-            entry.dst_namespace = d.namespace.clone();
-        }
-        if let Some(id) = &dst_identity {
-            entry.dst_identity = id.to_string();
-        }
         entry.protocol = if mtls { "HBONE" } else { "TCP" };
         let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
 
@@ -97,14 +125,14 @@ impl Outbound {
             Ok(r) => r,
             Err(e) => {
                 guard.fail(ResponseFlags::Connect, e);
-                return;
+                return None;
             }
         };
         guard.entry_mut().upstream = Some(match &route.transport {
             Transport::Hbone { tunnel, .. } => *tunnel,
             Transport::Plain => route.target,
         });
-        let (transferred, result) = match route.transport {
+        let upstream = match route.transport {
             Transport::Hbone { tunnel, identities } => {
                 let request = ConnectRequest {
                     authority: route.target,
@@ -117,43 +145,41 @@ impl Outbound {
                         &source.canonical_revision,
                     ),
                 };
-                let stream = match self
+                match self
                     .open_tunnel(&source, src_identity, tunnel, identities, &request)
                     .await
                 {
-                    Ok(s) => s,
+                    Ok((lease, stream)) => Upstream::Tunnel(lease, stream),
                     Err(e) => {
                         guard.fail(ResponseFlags::Connect, e);
-                        return;
+                        return None;
                     }
-                };
-                let (_lease, stream) = stream;
-                relay::tcp_h2(client, stream, TcpSide::Client, guard.counters()).await
+                }
             }
             Transport::Plain => {
-                let upstream = match socket::connect(
+                match socket::connect(
                     &*self.factory,
                     route.target,
                     source_ip(&source, route.target),
                 )
                 .await
                 {
-                    Ok(s) => s,
+                    Ok(s) => Upstream::Direct(s),
                     Err(e) => {
                         guard.fail(
                             ResponseFlags::Connect,
                             format!("connecting to {}: {e}", route.target),
                         );
-                        return;
+                        return None;
                     }
-                };
-                relay::tcp_tcp(client, upstream, guard.counters()).await
+                }
             }
         };
-        guard.set_bytes(transferred.to_server, transferred.to_client);
-        if let Err(e) = result {
-            guard.note_error(e);
-        }
+        Some(Established {
+            client,
+            upstream,
+            guard,
+        })
     }
 
     /// A CONNECT stream to `tunnel`, on a pooled connection. A pooled connection that fails at
@@ -165,7 +191,7 @@ impl Outbound {
         tunnel: SocketAddr,
         identities: Vec<Identity>,
         request: &ConnectRequest,
-    ) -> Result<(crate::hbone::pool::Lease, H2Stream), PoolError> {
+    ) -> Result<(Lease, H2Stream), PoolError> {
         let src_ip = source_ip(source, tunnel);
         let key = PoolKey {
             source: src_identity.clone(),

@@ -1,23 +1,29 @@
 //! Moving bytes: TCP↔TCP and TCP↔HTTP/2 stream, both directions at once, half-close propagated.
 //!
-//! Buffers start small (idle connections stay cheap) and double while reads fill them, up to
-//! [`MAX_BUF`]. Reads from TCP are handed to HTTP/2 as `Bytes` without another copy. Each read
-//! bumps the connection's Prometheus counter once.
+//! A direction waits for its socket to become readable before it takes a buffer, so an idle
+//! connection holds no buffer at all. Buffers start small and double while reads fill them, up
+//! to [`MAX_BUF`]. Reads from TCP are handed to HTTP/2 as `Bytes` without another copy. Each
+//! read bumps the connection's Prometheus counter once.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::{pin, Pin};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use crate::hbone::H2Stream;
-use crate::metrics::connection::ByteCounters;
+use crate::metrics::connection::{ByteCounters, ConnectionGuard};
 
 const MIN_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
+/// A read this much smaller than its buffer is copied out, and the buffer freed at once: a
+/// trickle of small messages must not pin a large buffer per connection while it is queued.
+const COPY_BELOW_FRACTION: usize = 8;
 
 /// Bytes moved each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,45 +32,62 @@ pub struct Transferred {
     pub to_client: u64,
 }
 
-/// A read buffer that grows while the peer keeps it full.
-struct GrowingBuf {
-    buf: BytesMut,
+/// Puts a finished relay's byte totals, and its error if it ended abnormally, on the
+/// connection's record.
+pub fn record(guard: &mut ConnectionGuard, (moved, result): (Transferred, io::Result<()>)) {
+    guard.set_bytes(moved.to_server, moved.to_client);
+    if let Err(e) = result {
+        guard.note_error(e);
+    }
+}
+
+/// Reads one socket in chunks whose size follows the traffic.
+struct ChunkReader {
     size: usize,
 }
 
-impl GrowingBuf {
+impl ChunkReader {
     fn new() -> Self {
-        GrowingBuf {
-            buf: BytesMut::new(),
-            size: MIN_BUF,
-        }
+        ChunkReader { size: MIN_BUF }
     }
 
-    async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<Bytes> {
-        if self.buf.capacity() < self.size / 2 {
-            self.buf = BytesMut::with_capacity(self.size);
+    /// The next chunk; empty at end of stream.
+    async fn next(&mut self, r: &OwnedReadHalf) -> io::Result<Bytes> {
+        loop {
+            r.readable().await?;
+            let mut buf = BytesMut::with_capacity(self.size);
+            let n = match r.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            let size = self.size;
+            if n == size {
+                self.size = (size * 2).min(MAX_BUF);
+            } else if n < size / 4 {
+                self.size = (size / 2).max(MIN_BUF);
+            }
+            return Ok(if n < size / COPY_BELOW_FRACTION {
+                Bytes::copy_from_slice(&buf)
+            } else {
+                buf.freeze()
+            });
         }
-        let n = r.read_buf(&mut self.buf).await?;
-        if n >= self.size / 2 && self.size < MAX_BUF {
-            self.size *= 2;
-        }
-        Ok(self.buf.split().freeze())
     }
 }
 
-async fn tcp_to_tcp<R, W>(
-    r: &mut R,
+async fn tcp_to_tcp<W>(
+    r: &OwnedReadHalf,
     w: &mut W,
     counter: &Counter,
     total: &mut u64,
 ) -> io::Result<()>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = GrowingBuf::new();
+    let mut reader = ChunkReader::new();
     loop {
-        let chunk = buf.read_from(r).await?;
+        let chunk = reader.next(r).await?;
         if chunk.is_empty() {
             return w.shutdown().await;
         }
@@ -83,15 +106,15 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-async fn tcp_to_h2<R: AsyncRead + Unpin>(
-    r: &mut R,
+async fn tcp_to_h2(
+    r: &OwnedReadHalf,
     send: &mut SendStream<Bytes>,
     counter: &Counter,
     total: &mut u64,
 ) -> io::Result<()> {
-    let mut buf = GrowingBuf::new();
+    let mut reader = ChunkReader::new();
     loop {
-        let mut chunk = buf.read_from(r).await?;
+        let mut chunk = reader.next(r).await?;
         if chunk.is_empty() {
             return send.send_data(Bytes::new(), true).map_err(h2_io);
         }
@@ -137,11 +160,14 @@ fn abort(s: &TcpStream) {
 
 /// Runs both directions until both have ended; the first error aborts the other direction
 /// (dropping it closes its sockets or resets its stream).
+///
+/// The directions are pinned by the caller and borrowed here: a future moved into an async
+/// function is stored twice in its state (once as the argument, once where it is pinned), and
+/// this state lives as long as the connection.
 async fn both(
-    a: impl std::future::Future<Output = io::Result<()>>,
-    b: impl std::future::Future<Output = io::Result<()>>,
+    mut a: Pin<&mut impl Future<Output = io::Result<()>>>,
+    mut b: Pin<&mut impl Future<Output = io::Result<()>>>,
 ) -> io::Result<()> {
-    tokio::pin!(a, b);
     let (mut a_done, mut b_done) = (false, false);
     while !(a_done && b_done) {
         tokio::select! {
@@ -158,12 +184,22 @@ pub async fn tcp_tcp(
     server: TcpStream,
     counters: &ByteCounters,
 ) -> (Transferred, io::Result<()>) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
+    let (cr, mut cw) = client.into_split();
+    let (sr, mut sw) = server.into_split();
     let mut t = Transferred::default();
     let r = both(
-        tcp_to_tcp(&mut cr, &mut sw, &counters.to_server, &mut t.to_server),
-        tcp_to_tcp(&mut sr, &mut cw, &counters.to_client, &mut t.to_client),
+        pin!(tcp_to_tcp(
+            &cr,
+            &mut sw,
+            &counters.to_server,
+            &mut t.to_server
+        )),
+        pin!(tcp_to_tcp(
+            &sr,
+            &mut cw,
+            &counters.to_client,
+            &mut t.to_client
+        )),
     )
     .await;
     if r.is_err() {
@@ -190,7 +226,7 @@ pub async fn tcp_h2(
     counters: &ByteCounters,
 ) -> (Transferred, io::Result<()>) {
     let H2Stream { mut send, mut recv } = stream;
-    let (mut tr, mut tw) = tcp.into_split();
+    let (tr, mut tw) = tcp.into_split();
     let mut t = Transferred::default();
     let (from_tcp, from_h2, tcp_total, h2_total) = match side {
         TcpSide::Client => (
@@ -207,8 +243,8 @@ pub async fn tcp_h2(
         ),
     };
     let r = both(
-        tcp_to_h2(&mut tr, &mut send, from_tcp, tcp_total),
-        h2_to_tcp(&mut recv, &mut tw, from_h2, h2_total),
+        pin!(tcp_to_h2(&tr, &mut send, from_tcp, tcp_total)),
+        pin!(h2_to_tcp(&mut recv, &mut tw, from_h2, h2_total)),
     )
     .await;
     if r.is_err() {

@@ -5,7 +5,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// How a listener should be set up.
@@ -16,10 +16,12 @@ pub struct ListenOptions {
 }
 
 pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
-    /// An unconnected, non-blocking TCP socket of `ip`'s family, marked, with TCP_NODELAY.
+    /// An unconnected, non-blocking TCP socket of `ip`'s family, marked, tuned (see [`tune`]).
     fn tcp(&self, ip: IpAddr) -> io::Result<Socket>;
 
     /// A bound, listening, non-blocking socket with SO_REUSEPORT so a new weft can take over.
+    /// It is tuned like [`SocketFactory::tcp`]'s, and Linux hands those options down to every
+    /// accepted connection, so accepted sockets need no system calls of their own for them.
     fn listen(&self, addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener>;
 }
 
@@ -48,7 +50,7 @@ impl SocketFactory for LocalSockets {
         if let Some(mark) = self.mark {
             s.set_mark(mark)?;
         }
-        s.set_tcp_nodelay(true)?;
+        tune(&s)?;
         Ok(s)
     }
 
@@ -72,14 +74,15 @@ impl SocketFactory for LocalSockets {
     }
 }
 
-/// Socket options for every proxied connection, accepted or opened.
-pub fn tune(stream: &TcpStream) {
-    let s = SockRef::from(stream);
-    let _ = s.set_tcp_nodelay(true);
+/// Socket options for every proxied connection, accepted or opened: no Nagle delay (weft
+/// forwards what it reads at once, and tunnel frames must not wait for ACKs), and keepalive so
+/// a vanished peer does not hold a connection forever.
+fn tune(s: &Socket) -> io::Result<()> {
+    s.set_tcp_nodelay(true)?;
     let ka = TcpKeepalive::new()
         .with_time(std::time::Duration::from_secs(180))
         .with_interval(std::time::Duration::from_secs(180));
-    let _ = s.set_tcp_keepalive(&ka);
+    s.set_tcp_keepalive(&ka)
 }
 
 pub fn into_tokio_listener(l: std::net::TcpListener) -> io::Result<TcpListener> {
@@ -104,7 +107,32 @@ pub async fn connect(
         s.bind(&SocketAddr::new(src, 0).into())?;
     }
     let std_stream: std::net::TcpStream = s.into();
-    let stream = TcpSocket::from_std_stream(std_stream).connect(dest).await?;
-    tune(&stream);
-    Ok(stream)
+    TcpSocket::from_std_stream(std_stream).connect(dest).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::SockRef;
+
+    #[tokio::test]
+    async fn accepted_and_opened_sockets_carry_the_listener_tuning() {
+        let factory = LocalSockets { mark: None };
+        let listener = factory
+            .listen(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                ListenOptions::default(),
+            )
+            .unwrap();
+        let listener = into_tokio_listener(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (opened, accepted) = tokio::join!(connect(&factory, addr, None), listener.accept());
+        let opened = opened.unwrap();
+        let (accepted, _) = accepted.unwrap();
+        for s in [SockRef::from(&opened), SockRef::from(&accepted)] {
+            assert!(s.tcp_nodelay().unwrap(), "TCP_NODELAY");
+            assert!(s.keepalive().unwrap(), "SO_KEEPALIVE");
+            assert_eq!(s.tcp_keepalive_time().unwrap().as_secs(), 180);
+        }
+    }
 }
