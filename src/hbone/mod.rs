@@ -4,6 +4,7 @@ pub mod client;
 pub mod pool;
 pub mod server;
 pub mod tls;
+pub mod verified;
 pub mod wire;
 
 use http::StatusCode;
