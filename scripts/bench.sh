@@ -391,7 +391,8 @@ measure_idle() { # run mode
     wait "$hp" || rc=$?
     forget "$hp"
     [ "$rc" -eq 0 ] || { cat "$work/hold.err" >&2; return 1; }
-    sleep 2
+    # Allocators give freed memory back lazily (weft every 10 s): measure what stays after that.
+    sleep 12
     for node in a b; do
         if [ -n "${tpid[$node]:-}" ]; then
             record "$run" "$mode" "anon_after_close_node-$node" "$(mib "$(anon_kib "${tpid[$node]}")")" MiB

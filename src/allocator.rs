@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 /// How often free heap memory is handed back to the kernel.
-const TRIM_PERIOD: Duration = Duration::from_secs(30);
+const TRIM_PERIOD: Duration = Duration::from_secs(10);
 
 /// Sets the allocator's thresholds. Call before any other thread starts.
 pub fn tune() {

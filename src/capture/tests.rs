@@ -278,14 +278,21 @@ fn weft_routes(ns: &TestNs, family: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A test namespace whose only address, `ip`, sits on one end of a veth pair inside it (no
+/// dummy driver on every kernel), opened.
+fn ns_with_address(ip: &str) -> (TestNs, Netns) {
+    let t = TestNs::new();
+    t.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    t.ip(&["addr", "add", &format!("{ip}/32"), "dev", "v0"]);
+    t.ip(&["link", "set", "v0", "up"]);
+    let ns = t.open();
+    (t, ns)
+}
+
 #[test]
 fn run_here_enters_for_the_closure_and_comes_back() {
     require_root!();
-    let t = TestNs::new();
-    t.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-    t.ip(&["addr", "add", "10.250.9.2/32", "dev", "v0"]);
-    t.ip(&["link", "set", "v0", "up"]);
-    let ns = t.open();
+    let (_t, ns) = ns_with_address("10.250.9.2");
     let before = this_thread_netns();
     let addr: SocketAddr = "10.250.9.2:0".parse().expect("addr");
 
@@ -321,12 +328,7 @@ fn run_here_enters_for_the_closure_and_comes_back() {
 #[test]
 fn run_executes_inside_the_namespace() {
     require_root!();
-    let t = TestNs::new();
-    // (No dummy driver on every kernel: a veth pair inside the namespace.)
-    t.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-    t.ip(&["addr", "add", "10.250.9.1/32", "dev", "v0"]);
-    t.ip(&["link", "set", "v0", "up"]);
-    let ns = t.open();
+    let (t, ns) = ns_with_address("10.250.9.1");
     let before = this_thread_netns();
     let addr: SocketAddr = "10.250.9.1:0".parse().expect("addr");
 
