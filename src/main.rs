@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, EnvFilter};
+use tracing_subscriber::{filter::Targets, reload};
 
 use weft::admin::LogControl;
 use weft::config::Settings;
@@ -168,7 +168,11 @@ impl RunArgs {
 
 /// Logging to stderr with a filter that /logging can change at run time.
 fn init_logging(format: LogFormat) -> LogControl {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG").ok().map(|spec| log_filter(&spec));
+    let filter = match &from_env {
+        Some(Ok(f)) => f.clone(),
+        _ => Targets::new().with_default(tracing::Level::INFO),
+    };
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
@@ -187,10 +191,18 @@ fn init_logging(format: LogFormat) -> LogControl {
             )
             .init(),
     }
-    Arc::new(move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| format!("bad filter {level:?}: {e}"))?;
-        handle.reload(f).map_err(|e| e.to_string())
-    })
+    if let Some(Err(e)) = from_env {
+        tracing::warn!("RUST_LOG ignored, logging at info: {e}");
+    }
+    Arc::new(move |spec: &str| handle.reload(log_filter(spec)?).map_err(|e| e.to_string()))
+}
+
+/// A log filter: a level, `target=level` pairs, or both, comma-separated (`info,weft::hbone=debug`).
+/// Targets and levels only: the span and field directives of tracing's `EnvFilter` compile
+/// regular expressions, code that an idle weft would otherwise keep mapped for nothing.
+fn log_filter(spec: &str) -> Result<Targets, String> {
+    spec.parse::<Targets>()
+        .map_err(|e| format!("bad filter {spec:?}: {e}"))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -241,5 +253,21 @@ fn main() -> anyhow::Result<()> {
             println!("weft {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_takes_a_level_and_target_pairs_and_names_a_bad_one() {
+        let f = log_filter("info,weft::hbone=debug").expect("valid filter");
+        assert!(f.would_enable("weft::hbone::server", &Level::DEBUG));
+        assert!(!f.would_enable("weft::proxy", &Level::DEBUG));
+        assert!(f.would_enable("access", &Level::INFO));
+        let e = log_filter("weft=loud").expect_err("not a level");
+        assert!(e.contains("weft=loud"), "{e}");
     }
 }
