@@ -168,10 +168,11 @@ impl RunArgs {
 
 /// Logging to stderr with a filter that /logging can change at run time.
 fn init_logging(format: LogFormat) -> LogControl {
-    let from_env = std::env::var("RUST_LOG").ok().map(|spec| log_filter(&spec));
-    let filter = match &from_env {
-        Some(Ok(f)) => f.clone(),
-        _ => Targets::new().with_default(tracing::Level::INFO),
+    let default = || Targets::new().with_default(tracing::Level::INFO);
+    let (filter, rejected) = match std::env::var("RUST_LOG").map(|spec| log_filter(&spec)) {
+        Ok(Ok(f)) => (f, None),
+        Ok(Err(e)) => (default(), Some(e)),
+        Err(_) => (default(), None),
     };
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
@@ -191,7 +192,7 @@ fn init_logging(format: LogFormat) -> LogControl {
             )
             .init(),
     }
-    if let Some(Err(e)) = from_env {
+    if let Some(e) = rejected {
         tracing::warn!("RUST_LOG ignored, logging at info: {e}");
     }
     Arc::new(move |spec: &str| handle.reload(log_filter(spec)?).map_err(|e| e.to_string()))

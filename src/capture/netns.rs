@@ -267,7 +267,9 @@ impl fmt::Debug for Netns {
     }
 }
 
-/// weft's own network namespace, opened once (before any thread leaves it).
+/// weft's own network namespace, opened once. `/proc/self` names the main thread, which only
+/// drives the runtime's root future and never enters a pod's namespace, so this is home even
+/// while another thread is inside one.
 fn home_netns() -> io::Result<BorrowedFd<'static>> {
     static HOME: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
     if let Some(fd) = HOME.get() {
