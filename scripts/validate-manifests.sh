@@ -1,28 +1,25 @@
 #!/usr/bin/env bash
 # validate-manifests.sh — check daemonset/ against a real Kubernetes API server
-# (v1.20, from scripts/k8s-testenv.sh) and against the published JSON schemas.
+# (v1.34, from scripts/k8s-testenv.sh) and against the published JSON schemas.
 #
 #   scripts/validate-manifests.sh
 #
 # Steps:
-#   1. render daemonset/ with kubectl's kustomize (kubectl 1.20 = kustomize v2.0.3,
-#      the oldest we support); no Secret and no key material may be in it;
-#   2. render the "Kubernetes older than 1.22" overlay from daemonset/README.md
-#      (maxUnavailable: 1 instead of maxSurge, which 1.20 does not know);
-#   3. kubernetes-validate --strict: daemonset/ against 1.22 and 1.28, the
-#      overlay against 1.20;
-#   4. start a throwaway etcd + kube-apiserver, apply the CRD and the Namespace for
+#   1. render daemonset/ with kubectl's kustomize (kubectl 1.34, kustomize v5); no
+#      Secret and no key material may be in it;
+#   2. kubernetes-validate --strict: daemonset/ against the oldest schema the package
+#      ships (1.25) and against 1.34, the API server's version;
+#   3. start a throwaway etcd + kube-apiserver, apply the CRD and the Namespace for
 #      real (namespaced objects cannot be dry-run into a namespace that does not
-#      exist), then `kubectl apply -k <overlay> --dry-run=server` must succeed;
-#      daemonset/ itself is dry-run too and must fail on 1.20 only because of the
-#      surge settings;
-#   5. the AuthorizationPolicy samples in daemonset/README.md are applied for real,
+#      exist), then `kubectl apply -k daemonset/ --dry-run=server` must succeed, with
+#      field validation Strict (an unknown or duplicate field is an error);
+#   4. the AuthorizationPolicy samples in daemonset/README.md are applied for real,
 #      read back (no field pruned) and watched; an invalid action is refused;
-#   6. stop the API server (always, also on failure).
+#   5. stop the API server (always, also on failure).
 #
 # Needs: python3 (with venv; installed with apt when missing and run as root), and
 # PyPI access the first time (kubernetes-validate goes into a venv in the cache).
-# Environment: WEFT_CACHE (see k8s-testenv.sh); WEFT_SKIP_SCHEMA=1 skips step 3
+# Environment: WEFT_CACHE (see k8s-testenv.sh); WEFT_SKIP_SCHEMA=1 skips step 2
 # (e.g. without access to PyPI).
 set -euo pipefail
 
@@ -30,7 +27,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TESTENV="$ROOT/scripts/k8s-testenv.sh"
 MANIFESTS="$ROOT/daemonset"
 CACHE="${WEFT_CACHE:-${HOME:-/root}/.cache/weft}"
-KV_VERSION="1.28.3" # the last kubernetes-validate release that still ships the 1.20 schema
+KV_VERSION="1.34.1" # schemas 1.25 .. 1.34
+KV_SCHEMAS="1.25.0 1.34.0"
 KV_VENV="$CACHE/venv-kubernetes-validate-$KV_VERSION"
 
 step() { printf '\n== %s\n' "$*" >&2; }
@@ -51,7 +49,7 @@ step "k8s-testenv install (cached after the first run)"
 "$TESTENV" install >"$work/paths"
 KUBECTL_BIN="$(sed -n 's/^kubectl=//p' "$work/paths")"
 [[ -x $KUBECTL_BIN ]] || fail "no kubectl from k8s-testenv.sh install"
-ok "$("$KUBECTL_BIN" version --client --short 2>/dev/null || true)"
+ok "kubectl $("$KUBECTL_BIN" version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' | head -n1)"
 
 step "render daemonset/ (kubectl kustomize)"
 "$KUBECTL_BIN" kustomize "$MANIFESTS" >"$work/rendered.yaml"
@@ -62,27 +60,6 @@ if grep -rqE 'PRIVATE KEY|^kind: Secret' "$MANIFESTS" "$work/rendered.yaml"; the
   fail "daemonset/ must not contain secrets or keys"
 fi
 ok "$(grep -c '^kind: ' "$work/rendered.yaml") objects, no secrets"
-
-step "render the pre-1.22 overlay (as documented in daemonset/README.md)"
-mkdir -p "$work/pre-1.22"
-cat >"$work/pre-1.22/kustomization.yaml" <<EOF
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-bases:
-  - $(realpath --relative-to="$work/pre-1.22" "$MANIFESTS")
-patchesJson6902:
-  - target: {group: apps, version: v1, kind: DaemonSet, name: weft, namespace: weft-system}
-    path: rolling-update.yaml
-EOF
-cat >"$work/pre-1.22/rolling-update.yaml" <<'EOF'
-- op: replace
-  path: /spec/updateStrategy/rollingUpdate
-  value:
-    maxUnavailable: 1
-EOF
-"$KUBECTL_BIN" kustomize "$work/pre-1.22" >"$work/rendered-1.20.yaml"
-grep -q 'maxSurge' "$work/rendered-1.20.yaml" && fail "overlay still has maxSurge"
-ok "overlay renders"
 
 if [[ ${WEFT_SKIP_SCHEMA:-0} == 1 ]]; then
   step "kubernetes-validate: skipped (WEFT_SKIP_SCHEMA=1)"
@@ -98,14 +75,11 @@ else
     "$KV_VENV/bin/pip" install -q "kubernetes-validate==$KV_VERSION" ||
       fail "pip install kubernetes-validate==$KV_VERSION failed (set WEFT_SKIP_SCHEMA=1 to skip)"
   fi
-  for v in 1.22.0 1.28.0; do
+  for v in $KV_SCHEMAS; do
     "$KV_VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$work/rendered.yaml" ||
       fail "daemonset/ does not validate against $v"
     ok "daemonset/ against $v"
   done
-  "$KV_VENV/bin/kubernetes-validate" --strict --quiet -k 1.20.0 "$work/rendered-1.20.yaml" ||
-    fail "pre-1.22 overlay does not validate against 1.20.0"
-  ok "pre-1.22 overlay against 1.20.0"
 fi
 
 step "start a throwaway kube-apiserver"
@@ -115,27 +89,18 @@ set -a
 . "$envdir/env"
 set +a
 kc() { "$KUBECTL_BIN" --kubeconfig "$KUBECONFIG" --cache-dir "$work/kube-cache" --request-timeout=30s "$@"; }
-ok "$(kc version --short 2>/dev/null | tail -n1)"
+server_version="$(kc version -o json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"
+[[ $server_version == v1.34.* ]] || fail "expected kube-apiserver v1.34, got '$server_version'"
+ok "kube-apiserver $server_version"
 
 step "apply the CRD and the Namespace for real"
 kc apply -f "$MANIFESTS/crds/authorizationpolicies.security.istio.io.yaml"
 kc wait --for condition=established --timeout=60s crd/authorizationpolicies.security.istio.io
 kc apply -f "$MANIFESTS/namespace.yaml"
 
-step "server-side dry run of the pre-1.22 overlay (everything in daemonset/)"
-kc apply -k "$work/pre-1.22" --dry-run=server
-ok "accepted by kube-apiserver $(kc version --short 2>/dev/null | sed -n 's/^Server Version: //p')"
-
-step "server-side dry run of daemonset/ itself (1.20 has no DaemonSet maxSurge)"
-if kc apply -k "$MANIFESTS" --dry-run=server >"$work/base.out" 2>&1; then
-  ok "accepted (this server knows maxSurge)"
-else
-  if grep -v -E 'maxSurge|maxUnavailable|\(server dry run\)|^$' "$work/base.out" | grep -q .; then
-    cat "$work/base.out" >&2
-    fail "daemonset/ fails on 1.20 for more than the surge settings"
-  fi
-  ok "refused only for the surge settings, as documented: $(grep -m1 -oE '[^:]*maxSurge[^)]*\)?' "$work/base.out" || true)"
-fi
+step "server-side dry run of daemonset/ (strict field validation)"
+kc apply -k "$MANIFESTS" --dry-run=server --validate=strict
+ok "accepted by kube-apiserver $server_version"
 
 step "README AuthorizationPolicy samples: apply, read back, watch"
 python3 - "$MANIFESTS/README.md" "$work/samples" <<'EOF'

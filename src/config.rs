@@ -93,3 +93,32 @@ impl Default for Settings {
         }
     }
 }
+
+/// ztunnel's environment variables that weft understands, and the `WEFT_*` variable (the
+/// flag's own) each stands for. Istio's chart sets the former; applied before the command line
+/// is read, and only where the `WEFT_*` variable is unset, so a flag beats `WEFT_*` beats the
+/// Istio name. This table is the one place that says so (the README shows it).
+pub const ISTIO_ENV: &[(&str, &str)] = &[
+    ("XDS_ADDRESS", "WEFT_XDS_ADDRESS"),
+    ("CA_ADDRESS", "WEFT_CA_ADDRESS"),
+    ("XDS_ROOT_CA", "WEFT_XDS_ROOT_CA"),
+    ("CA_ROOT_CA", "WEFT_CA_ROOT_CA"),
+    ("ALT_XDS_HOSTNAME", "WEFT_XDS_SERVER_NAME"),
+    ("ALT_CA_HOSTNAME", "WEFT_CA_SERVER_NAME"),
+    ("AUTH_TOKEN", "WEFT_TOKEN_FILE"),
+    ("CLUSTER_ID", "WEFT_CLUSTER_ID"),
+    ("ISTIO_META_CLUSTER_ID", "WEFT_CLUSTER_ID"),
+    ("TRUST_DOMAIN", "WEFT_TRUST_DOMAIN"),
+    ("CLUSTER_DOMAIN", "WEFT_DOMAIN_SUFFIX"),
+    ("POD_NAME", "WEFT_POD_NAME"),
+    ("POD_NAMESPACE", "WEFT_POD_NAMESPACE"),
+    ("INSTANCE_IP", "WEFT_INSTANCE_IP"),
+    ("SERVICE_ACCOUNT", "WEFT_SERVICE_ACCOUNT"),
+    ("PACKET_MARK", "WEFT_MARK"),
+    ("ZTUNNEL_WORKER_THREADS", "WEFT_WORKER_THREADS"),
+    ("TERMINATION_GRACE_PERIOD_SECONDS", "WEFT_DRAIN_SECONDS"),
+    ("LOG_FORMAT", "WEFT_LOG_FORMAT"),
+];
+
+/// Prefix of the variables whose rest is sent to istiod as node metadata, as ztunnel does.
+pub const ISTIO_META_PREFIX: &str = "ISTIO_META_";

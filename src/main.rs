@@ -13,9 +13,12 @@ use tracing_subscriber::{filter::Targets, reload};
 
 use weft::admin::LogControl;
 use weft::config::Settings;
-use weft::identity::CertificateAuthority;
+use weft::grpc::{GrpcTarget, TokenFile};
+use weft::identity::istio_ca::{IstioCa, IstioCaSettings};
+use weft::identity::{CertificateAuthority, CertificateSigner, Identity};
 use weft::k8s::KubeSettings;
 use weft::node::{Node, Sources};
+use weft::xds::{NodeIdentity, XdsSettings};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +41,15 @@ enum LogFormat {
 enum Command {
     /// Run the node agent.
     Run(Box<RunArgs>),
+    /// Run the node agent as Istio's ztunnel container does (`proxy ztunnel`, the arguments
+    /// of Istio's chart): istiod is the control plane and CA unless told otherwise.
+    Proxy {
+        /// The proxy kind; only `ztunnel` is known.
+        #[arg(value_parser = ["ztunnel"])]
+        kind: String,
+        #[command(flatten)]
+        args: Box<RunArgs>,
+    },
     /// Certificate authority tools.
     Ca {
         #[command(subcommand)]
@@ -69,6 +81,47 @@ struct RunArgs {
     /// Watch the Kubernetes API through this kubeconfig (implies --kubernetes).
     #[arg(long, env = "WEFT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// istiod's xDS address (`host:port` or `https://host:port`): configuration comes from istiod.
+    #[arg(long, env = "WEFT_XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// Root certificate(s) istiod's xDS certificate must chain to; also the mesh roots.
+    #[arg(
+        long,
+        env = "WEFT_XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    xds_root_ca: PathBuf,
+    /// The name istiod's certificate must carry, when the address's host is not it.
+    #[arg(long, env = "WEFT_XDS_SERVER_NAME")]
+    xds_server_name: Option<String>,
+    /// Istio CA address (default: the xDS address). With neither, the built-in CA signs.
+    #[arg(long, env = "WEFT_CA_ADDRESS")]
+    ca_address: Option<String>,
+    #[arg(
+        long,
+        env = "WEFT_CA_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    ca_root_ca: PathBuf,
+    #[arg(long, env = "WEFT_CA_SERVER_NAME")]
+    ca_server_name: Option<String>,
+    /// The node agent's projected service-account token (audience istio-ca), sent to istiod.
+    #[arg(
+        long,
+        env = "WEFT_TOKEN_FILE",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    token_file: PathBuf,
+    /// weft's own pod: name, namespace, IP and service account (istiod's node id and the
+    /// identity weft asks certificates on behalf of others as).
+    #[arg(long, env = "WEFT_POD_NAME", default_value = "")]
+    pod_name: String,
+    #[arg(long, env = "WEFT_POD_NAMESPACE", default_value = "istio-system")]
+    pod_namespace: String,
+    #[arg(long, env = "WEFT_INSTANCE_IP", default_value = "")]
+    instance_ip: String,
+    #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "ztunnel")]
+    service_account: String,
     /// DNS suffix of Kubernetes service hostnames.
     #[arg(long, env = "WEFT_DOMAIN_SUFFIX", default_value = "cluster.local")]
     domain_suffix: String,
@@ -132,15 +185,77 @@ impl RunArgs {
             kubeconfig: self.kubeconfig.clone(),
             domain_suffix: self.domain_suffix.clone(),
         });
-        if self.config.is_none() && kubernetes.is_none() {
+        let xds = self.xds_address.as_ref().map(|address| XdsSettings {
+            target: GrpcTarget {
+                address: address.clone(),
+                root_cert: self.xds_root_ca.clone(),
+                server_name: self.xds_server_name.clone(),
+            },
+            token: self.token(),
+            node: self.node_identity(),
+            defaults: weft::xds::translate::Defaults {
+                trust_domain: self.trust_domain.clone(),
+                cluster_id: self.cluster_id.clone(),
+            },
+            node_name: self.node_name.clone(),
+        });
+        if self.config.is_none() && kubernetes.is_none() && xds.is_none() {
             anyhow::bail!(
-                "nothing to do: give --config FILE, --kubernetes or --kubeconfig FILE (or several)"
+                "nothing to do: give --xds-address ADDR (XDS_ADDRESS), --config FILE, --kubernetes or --kubeconfig FILE (or several)"
             );
         }
         Ok(Sources {
             config_file: self.config.clone(),
             kubernetes,
+            xds,
         })
+    }
+
+    /// The token file, if it exists (as ztunnel: no file, no credential).
+    fn token(&self) -> Option<TokenFile> {
+        self.token_file.exists().then(|| TokenFile {
+            path: self.token_file.clone(),
+        })
+    }
+
+    fn node_identity(&self) -> NodeIdentity {
+        let prefix = weft::config::ISTIO_META_PREFIX;
+        NodeIdentity {
+            pod_name: self.pod_name.clone(),
+            pod_namespace: self.pod_namespace.clone(),
+            pod_ip: self.instance_ip.clone(),
+            node_name: self.node_name.clone(),
+            cluster_id: self.cluster_id.clone(),
+            metadata: std::env::vars()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v)))
+                .collect(),
+        }
+    }
+
+    /// The signer: istiod's CA (or another speaking its protocol) when an address is known,
+    /// else the built-in CA of `--ca-dir` (chosen by the node).
+    fn signer(&self) -> anyhow::Result<Option<Arc<dyn CertificateSigner>>> {
+        let Some(address) = self.ca_address.clone().or_else(|| self.xds_address.clone()) else {
+            return Ok(None);
+        };
+        let own = Identity::new(
+            &self.trust_domain,
+            &self.pod_namespace,
+            &self.service_account,
+        );
+        let ca = IstioCa::new(IstioCaSettings {
+            target: GrpcTarget {
+                address,
+                root_cert: self.ca_root_ca.clone(),
+                server_name: self.ca_server_name.clone(),
+            },
+            token: self.token(),
+            cluster_id: self.cluster_id.clone(),
+            node_identity: Some(own),
+            trust_domain: self.trust_domain.clone(),
+        })
+        .context("setting up the Istio CA client")?;
+        Ok(Some(Arc::new(ca)))
     }
 
     fn settings(&self) -> Settings {
@@ -216,7 +331,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let rt = rt.build().context("starting the runtime")?;
     rt.block_on(async move {
         let settings = args.settings();
-        let node = Node::start(settings, args.sources()?, None, Some(log_control)).await?;
+        let node =
+            Node::start(settings, args.sources()?, args.signer()?, Some(log_control)).await?;
         shutdown_signal().await;
         tracing::info!(drain_seconds = args.drain_seconds, "shutting down");
         node.shutdown(Duration::from_secs(args.drain_seconds)).await;
@@ -236,13 +352,33 @@ async fn shutdown_signal() {
     }
 }
 
+/// Takes ztunnel's environment names where the `WEFT_*` one is unset (see `ISTIO_ENV`).
+fn adopt_istio_environment() {
+    for (istio, weft) in weft::config::ISTIO_ENV {
+        if std::env::var_os(weft).is_none() {
+            if let Some(v) = std::env::var_os(istio) {
+                // Single-threaded still: no other thread reads the environment yet.
+                std::env::set_var(weft, v);
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     weft::allocator::tune();
+    adopt_istio_environment();
     let cli = Cli::parse();
     // kube and rcgen may pull in ring too; pick aws-lc-rs explicitly so rustls never has to guess.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
         Command::Run(args) => run(*args),
+        Command::Proxy { kind: _, mut args } => {
+            // ztunnel's default control plane: istiod of the cluster.
+            if args.xds_address.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+                args.xds_address = Some("istiod.istio-system.svc:15012".into());
+            }
+            run(*args)
+        }
         Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         } => {

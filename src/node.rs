@@ -30,6 +30,8 @@ pub struct Sources {
     pub config_file: Option<PathBuf>,
     /// The Kubernetes API, watched.
     pub kubernetes: Option<KubeSettings>,
+    /// istiod, over delta ADS.
+    pub xds: Option<crate::xds::XdsSettings>,
 }
 
 /// A running weft.
@@ -111,6 +113,14 @@ impl Node {
             ));
         }
 
+        if let Some(xds) = &sources.xds {
+            tasks.push(crate::xds::client::start(
+                xds.clone(),
+                state.clone(),
+                readiness.clone(),
+            ));
+        }
+
         let pool = Pool::new(
             settings.h2.max_streams_per_connection,
             settings.h2.pool_idle_timeout,
@@ -157,6 +167,7 @@ impl Node {
             readiness: readiness.clone(),
             captured,
             log_control,
+            node_name: settings.node_name.clone(),
         });
         let p = &settings.ports;
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weft::identity::{CertificateAuthority, CertificateSigner, Identity};
+use weft::identity::{CertificateAuthority, Identity};
 
 /// The test client trusts any server: what is under test is the server's judgement of clients.
 #[derive(Debug)]
@@ -56,7 +56,7 @@ impl ServerCertVerifier for AnyServer {
 }
 
 /// A raw client config presenting a certificate for `id` from `signer` (or none).
-fn raw_config(cert: Option<(&dyn CertificateSigner, Identity)>) -> Arc<ClientConfig> {
+fn raw_config(cert: Option<(&CertificateAuthority, Identity)>) -> Arc<ClientConfig> {
     let b = ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -66,7 +66,7 @@ fn raw_config(cert: Option<(&dyn CertificateSigner, Identity)>) -> Arc<ClientCon
     .with_custom_certificate_verifier(Arc::new(AnyServer));
     let mut cfg = match cert {
         Some((signer, id)) => {
-            let c = signer.sign(&id, Duration::from_secs(3600)).unwrap();
+            let c = signer.issue(&id, Duration::from_secs(3600)).unwrap();
             b.with_client_auth_cert(c.chain, c.key).unwrap()
         }
         None => b.with_no_client_auth(),

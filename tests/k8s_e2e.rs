@@ -31,6 +31,7 @@ async fn start_k8s_node(node: &str, kubeconfig: &Path) -> Node {
                 kubeconfig: Some(kubeconfig.to_owned()),
                 domain_suffix: "cluster.local".into(),
             }),
+            ..Sources::default()
         },
         None,
         None,

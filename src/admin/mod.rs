@@ -1,5 +1,6 @@
 //! The node's HTTP endpoints: admin (localhost :15000), metrics (:15020), readiness (:15021).
 
+pub mod config_dump;
 mod readiness;
 
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub captured: CapturedPods,
     pub log_control: Option<LogControl>,
+    /// This node's name: `workloadState` lists the pods proxied here.
+    pub node_name: String,
 }
 
 type Body = Full<Bytes>;
@@ -65,13 +68,16 @@ impl AdminState {
     fn config_dump(&self) -> serde_json::Value {
         let snap = self.state.snapshot();
         json!({
-            "generation": snap.generation,
-            "workloads": snap.workloads,
-            "services": snap.services,
-            "endpoints": snap.endpoints,
-            "policies": snap.policies,
-            "certificates": self.certs.summaries(),
-            "capturedPods": (self.captured)(),
+            "workloads": config_dump::workloads(&snap),
+            "services": config_dump::services(&snap),
+            "policies": config_dump::policies(&snap),
+            "certificates": self.certs.config_dump(),
+            "workloadState": config_dump::workload_state(&snap, &self.node_name),
+            "weft": {
+                "generation": snap.generation,
+                "capturedPods": (self.captured)(),
+                "rootNamespace": snap.policies.root_namespace(),
+            },
         })
     }
 

@@ -31,6 +31,7 @@ pub mod k8s_form;
 pub mod local_form;
 pub mod matcher;
 pub mod model;
+pub mod xds_form;
 
 pub use error::AuthzError;
 pub use eval::{evaluate, ConnFacts, Decision, DryRun, PolicySet, Target, Verdict};
@@ -38,6 +39,7 @@ pub use k8s_form::{from_k8s_value, parse_k8s_yaml_stream};
 pub use local_form::{from_local, LocalPolicy};
 pub use matcher::{ServiceAccountMatch, StringMatch};
 pub use model::{Action, Clause, Match, Policy, Rule, Scope};
+pub use xds_form::from_xds;
 
 #[cfg(test)]
 mod tests;

@@ -97,9 +97,12 @@ impl Enroller {
             })
             .map(|(uid, _)| uid.clone())
             .collect();
+        let certs = self.ctx.tls.cert_manager();
         for uid in stale {
             if let Some(e) = enrolled.remove(&uid) {
+                let identity = e.shape.identity.clone();
                 release(e);
+                certs.release(&identity, &uid);
             }
         }
         let mut failures = 0;
@@ -109,6 +112,9 @@ impl Enroller {
             }
             match self.enroll(w) {
                 Ok(e) => {
+                    // Its certificate is issued in the background from now on; its first
+                    // connections wait for it.
+                    certs.enroll(&e.shape.identity, uid);
                     enrolled.insert(uid.to_string(), e);
                 }
                 Err(err) => {

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use nix::ifaddrs::getifaddrs;
 use nix::sched::{setns, CloneFlags};
-use tracing::debug;
+use tracing::{debug, info, warn};
+
+use crate::state::Workload;
 
 use super::netns::NsId;
 
@@ -112,4 +114,78 @@ fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
 /// exited, or its PID been reused).
 pub fn still_names(path: &Path, id: NsId) -> bool {
     NsId::of_path(path).is_ok_and(|now| now == id)
+}
+
+/// Finds local pods' network namespaces, remembering each answer while it stays true so that a
+/// pod keeps the same netns path (a changed path would look like a new pod to the enroller).
+#[derive(Default)]
+pub struct NetnsFinder {
+    known: HashMap<String, (IpAddr, NsId, PathBuf)>,
+    /// Pods asked about in the current rebuild; the others are forgotten at its end.
+    asked: std::collections::HashSet<String>,
+    /// Scanned during the current rebuild already: at most one `/proc` scan per rebuild.
+    scan: Option<NetnsIndex>,
+    pub unresolved: usize,
+}
+
+impl NetnsFinder {
+    pub fn netns_of(&mut self, w: &Workload) -> Option<PathBuf> {
+        self.asked.insert(w.uid.clone());
+        let ip = *w.workload_ips.first()?;
+        if let Some((known_ip, id, path)) = self.known.get(&w.uid) {
+            if *known_ip == ip && still_names(path, *id) {
+                return Some(path.clone());
+            }
+        }
+        if self.scan.is_none() {
+            match NetnsIndex::scan() {
+                Ok(index) => self.scan = Some(index),
+                Err(e) => warn!(error = %e, "scanning /proc for pod network namespaces"),
+            }
+        }
+        let pod = format!("{}/{}", w.namespace, w.name);
+        match self
+            .scan
+            .as_ref()
+            .map_or(Located::Missing, |s| s.lookup(ip))
+        {
+            Located::Found(id, path) => {
+                let path = path.to_path_buf();
+                info!(%pod, %ip, netns = %path.display(), "found pod network namespace");
+                self.known.insert(w.uid.clone(), (ip, id, path.clone()));
+                Some(path)
+            }
+            Located::Missing => {
+                self.unresolved += 1;
+                debug!(%pod, %ip, "no network namespace holds the pod IP yet");
+                None
+            }
+            Located::Ambiguous(n) => {
+                self.unresolved += 1;
+                warn!(%pod, %ip, namespaces = n, "several network namespaces hold the pod IP; not capturing until only one does");
+                None
+            }
+        }
+    }
+}
+
+impl NetnsFinder {
+    /// Starts a rebuild: a fresh scan is allowed again, and counts restart.
+    pub fn begin(&mut self) {
+        self.scan = None;
+        self.unresolved = 0;
+        self.asked.clear();
+    }
+
+    /// Forgets one pod (it left), for callers that ask about changed pods only and so never
+    /// call [`NetnsFinder::end`].
+    pub fn forget(&mut self, uid: &str) {
+        self.known.remove(uid);
+    }
+
+    pub fn end(&mut self) {
+        let asked = &self.asked;
+        self.known.retain(|uid, _| asked.contains(uid));
+        self.scan = None;
+    }
 }

@@ -24,6 +24,8 @@ pub enum HboneError {
     },
     #[error("TLS setup: {0}")]
     TlsSetup(#[from] tls::TlsSetupError),
+    #[error("no certificate to present: {0}")]
+    Certificate(#[from] crate::identity::CertManagerError),
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
     #[error("tunnel refused with status {0}")]

@@ -18,7 +18,6 @@ use rustls::{
     OtherError, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
-use tracing::warn;
 
 use super::verified::{ChainKey, Role, VerifiedChains};
 use crate::identity::cert::spiffe_identities;
@@ -161,6 +160,10 @@ pub fn peer_identities(certs: Option<&[CertificateDer<'_>]>) -> Vec<Identity> {
 
 /// Serves whatever certificate the manager currently holds for the identity, so a renewal takes
 /// effect on the next handshake without rebuilding configurations.
+///
+/// Only a cache read: a handshake never waits for a signer. The connection paths fetch the
+/// certificate before they start the handshake; if there is none, the handshake fails for want
+/// of a certificate (the manager logs that once per identity).
 #[derive(Debug)]
 struct CurrentCertificate {
     identity: Identity,
@@ -169,13 +172,9 @@ struct CurrentCertificate {
 
 impl CurrentCertificate {
     fn current(&self) -> Option<Arc<CertifiedKey>> {
-        match self.certs.certificate(&self.identity) {
-            Ok(c) => Some(c.certified_key.clone()),
-            Err(e) => {
-                warn!(identity = %self.identity, error = %e, "no certificate to present");
-                None
-            }
-        }
+        self.certs
+            .certificate(&self.identity)
+            .map(|c| c.certified_key.clone())
     }
 }
 
@@ -191,12 +190,6 @@ impl ResolvesClientCert for CurrentCertificate {
     }
     fn has_certs(&self) -> bool {
         true
-    }
-}
-
-impl std::fmt::Debug for CertManager {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CertManager")
     }
 }
 

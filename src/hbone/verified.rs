@@ -112,7 +112,7 @@ fn validity(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Option<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{CertificateAuthority, CertificateSigner};
+    use crate::identity::CertificateAuthority;
     use std::time::Duration;
 
     fn leaf() -> (Vec<u8>, Identity) {
@@ -120,7 +120,7 @@ mod tests {
         CertificateAuthority::init(dir.path(), "cluster.local").unwrap();
         let ca = CertificateAuthority::load(dir.path()).unwrap();
         let id = Identity::new("cluster.local", "ns", "sa");
-        let issued = ca.sign(&id, Duration::from_secs(3600)).unwrap();
+        let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
         (issued.chain[0].to_vec(), id)
     }
 

@@ -9,7 +9,9 @@
 //! | `cert-chain.pem`| `ca-cert.pem` up to (and possibly including) the root       |
 
 use std::fs;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -55,6 +57,16 @@ pub enum CaError {
     },
     #[error("creating the root CA: {0}")]
     Generate(rcgen::Error),
+    /// A remote CA (istiod, `weft ca serve`) did not give a usable certificate. Boxed: it is
+    /// the largest error here, and the local CA's results should not carry its size.
+    #[error(transparent)]
+    Remote(Box<super::istio_ca::IstioCaError>),
+}
+
+impl From<super::istio_ca::IstioCaError> for CaError {
+    fn from(e: super::istio_ca::IstioCaError) -> Self {
+        CaError::Remote(Box::new(e))
+    }
 }
 
 /// A freshly signed workload certificate with its key, ready for rustls.
@@ -68,10 +80,21 @@ pub struct WorkloadCertificate {
     pub not_after: SystemTime,
 }
 
+/// What [`CertificateSigner::sign`] returns: boxed, so that the trait stays usable as
+/// `Arc<dyn CertificateSigner>` (the node picks its signer at start-up).
+pub type SignFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<WorkloadCertificate, CaError>> + Send + 'a>>;
+
 /// Something that can issue workload certificates and names the roots peers must chain to.
-/// The built-in CA is one; Istio's CA service can be another.
+/// The built-in CA is one; Istio's CA service ([`super::IstioCa`]) is another.
+///
+/// Signing is asynchronous because a remote CA is a network call; the certificate manager
+/// calls it in the background, never from inside a TLS handshake.
 pub trait CertificateSigner: Send + Sync + 'static {
-    fn sign(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCertificate, CaError>;
+    /// A new key and a certificate for `identity`, valid for `ttl` (the CA may shorten it).
+    fn sign<'a>(&'a self, identity: &'a Identity, ttl: Duration) -> SignFuture<'a>;
+    /// The trust anchors every peer certificate must chain to. Synchronous: the TLS context is
+    /// built from them at start-up.
     fn roots(&self) -> Vec<CertificateDer<'static>>;
 }
 
@@ -188,8 +211,14 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-impl CertificateSigner for CertificateAuthority {
-    fn sign(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCertificate, CaError> {
+impl CertificateAuthority {
+    /// Signs a certificate for `identity` here and now: a new P-256 key and one ECDSA
+    /// signature, well under a millisecond.
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<WorkloadCertificate, CaError> {
         let sign_err = |source| CaError::Sign {
             identity: identity.to_string(),
             source,
@@ -227,6 +256,15 @@ impl CertificateSigner for CertificateAuthority {
             not_after,
         })
     }
+}
+
+impl CertificateSigner for CertificateAuthority {
+    /// Signs inline, on the calling task: key generation and one ECDSA signature take well
+    /// under a millisecond and happen once per identity per half-lifetime, so a hop to the
+    /// blocking pool would cost more (a thread hand-off, perhaps a thread start) than it saves.
+    fn sign<'a>(&'a self, identity: &'a Identity, ttl: Duration) -> SignFuture<'a> {
+        Box::pin(async move { self.issue(identity, ttl) })
+    }
 
     fn roots(&self) -> Vec<CertificateDer<'static>> {
         self.roots.clone()
@@ -247,7 +285,7 @@ mod tests {
         ));
         let ca = CertificateAuthority::load(dir.path()).unwrap();
         let id = Identity::new("cluster.local", "shop", "cart");
-        let cert = ca.sign(&id, Duration::from_secs(3600)).unwrap();
+        let cert = ca.issue(&id, Duration::from_secs(3600)).unwrap();
         assert_eq!(cert.chain.len(), 2);
         let ids = super::super::cert::spiffe_identities(&cert.chain[0]).unwrap();
         assert_eq!(ids, vec![id]);

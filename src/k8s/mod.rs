@@ -10,10 +10,8 @@
 
 pub mod translate;
 
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +29,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::admin::Readiness;
-use crate::capture::locate::{still_names, Located, NetnsIndex};
-use crate::capture::NsId;
-use crate::state::{StateStore, Workload};
+use crate::capture::locate::NetnsFinder;
+use crate::state::StateStore;
 use translate::{ClusterFacts, ClusterView};
 
 /// The name this source has in the state store.
@@ -334,73 +331,5 @@ async fn rebuild_forever(
             changed.notified().await;
         }
         tokio::time::sleep(DEBOUNCE).await;
-    }
-}
-
-/// Finds local pods' network namespaces, remembering each answer while it stays true so that a
-/// pod keeps the same netns path (a changed path would look like a new pod to the enroller).
-#[derive(Default)]
-struct NetnsFinder {
-    known: HashMap<String, (IpAddr, NsId, PathBuf)>,
-    /// Pods asked about in the current rebuild; the others are forgotten at its end.
-    asked: std::collections::HashSet<String>,
-    /// Scanned during the current rebuild already: at most one `/proc` scan per rebuild.
-    scan: Option<NetnsIndex>,
-    unresolved: usize,
-}
-
-impl NetnsFinder {
-    fn netns_of(&mut self, w: &Workload) -> Option<PathBuf> {
-        self.asked.insert(w.uid.clone());
-        let ip = *w.workload_ips.first()?;
-        if let Some((known_ip, id, path)) = self.known.get(&w.uid) {
-            if *known_ip == ip && still_names(path, *id) {
-                return Some(path.clone());
-            }
-        }
-        if self.scan.is_none() {
-            match NetnsIndex::scan() {
-                Ok(index) => self.scan = Some(index),
-                Err(e) => warn!(error = %e, "scanning /proc for pod network namespaces"),
-            }
-        }
-        let pod = format!("{}/{}", w.namespace, w.name);
-        match self
-            .scan
-            .as_ref()
-            .map_or(Located::Missing, |s| s.lookup(ip))
-        {
-            Located::Found(id, path) => {
-                let path = path.to_path_buf();
-                info!(%pod, %ip, netns = %path.display(), "found pod network namespace");
-                self.known.insert(w.uid.clone(), (ip, id, path.clone()));
-                Some(path)
-            }
-            Located::Missing => {
-                self.unresolved += 1;
-                debug!(%pod, %ip, "no network namespace holds the pod IP yet");
-                None
-            }
-            Located::Ambiguous(n) => {
-                self.unresolved += 1;
-                warn!(%pod, %ip, namespaces = n, "several network namespaces hold the pod IP; not capturing until only one does");
-                None
-            }
-        }
-    }
-}
-
-impl NetnsFinder {
-    /// Starts a rebuild: a fresh scan is allowed again, and counts restart.
-    fn begin(&mut self) {
-        self.scan = None;
-        self.unresolved = 0;
-        self.asked.clear();
-    }
-
-    fn end(&mut self) {
-        let asked = &self.asked;
-        self.known.retain(|uid, _| asked.contains(uid));
-        self.scan = None;
     }
 }

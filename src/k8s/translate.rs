@@ -257,6 +257,10 @@ pub fn pod_workload(
         },
         authorization_policies: Vec::new(),
         netns: None,
+        network: String::new(),
+        hostname: String::new(),
+        waypoint: None,
+        network_gateway: None,
         name,
         namespace,
     })
@@ -325,6 +329,7 @@ fn service_of(svc: &K8sService, facts: &ClusterFacts) -> Option<Service> {
         vips,
         ports,
         subject_alt_names: Vec::new(),
+        waypoint: None,
     })
 }
 

@@ -17,6 +17,7 @@ use super::outbound::Outbound;
 use super::socket::{into_tokio_listener, ListenOptions, SocketFactory};
 use super::ProxyContext;
 use crate::hbone::server;
+use crate::identity::CERTIFICATE_WAIT;
 use crate::state::Workload;
 
 /// Where a captured connection was headed.
@@ -127,15 +128,24 @@ impl WorkloadProxy {
             ctx: ctx.clone(),
             factory: factory.clone(),
         });
+        let identity = Arc::new(workload.identity());
         for addr in &listen.hbone {
             let l = bind(*addr)?;
             bound.hbone.push(local(&l, *addr));
             let (acceptor, inbound, tuning) =
                 (acceptor.clone(), inbound.clone(), ctx.settings.h2.clone());
+            let (certs, identity) = (ctx.tls.cert_manager().clone(), identity.clone());
             tasks.push(tokio::spawn(accept_loop(l, "hbone", move |s, _| {
                 let (acceptor, inbound, tuning) =
                     (acceptor.clone(), inbound.clone(), tuning.clone());
+                let (certs, identity) = (certs.clone(), identity.clone());
                 async move {
+                    // The handshake reads the certificate from the cache; wait for it here.
+                    // Without one there is no TLS to answer on, so the connection is closed.
+                    if let Err(e) = certs.fetch_within(&identity, CERTIFICATE_WAIT).await {
+                        warn!(peer = ?s.peer_addr().ok(), error = %e, "HBONE connection refused");
+                        return;
+                    }
                     let _ = server::serve(s, acceptor, tuning, inbound).await;
                 }
             })));

@@ -15,7 +15,7 @@ use crate::hbone::client::{self, open_stream};
 use crate::hbone::pool::{Lease, PoolError, PoolKey};
 use crate::hbone::wire::{self, ConnectRequest};
 use crate::hbone::{H2Stream, HboneError};
-use crate::identity::Identity;
+use crate::identity::{Identity, CERTIFICATE_WAIT};
 use crate::metrics::access_log::{AccessLogEntry, Direction};
 use crate::metrics::connection::ConnectionGuard;
 use crate::metrics::labels::{ConnLabels, Peers, Reporter, ResponseFlags};
@@ -205,6 +205,10 @@ impl Outbound {
             let tuning = self.ctx.settings.h2.clone();
             let (src_identity, identities) = (src_identity.clone(), identities.clone());
             async move {
+                // The handshake reads the certificate from the cache; wait for it here.
+                tls.cert_manager()
+                    .fetch_within(&src_identity, CERTIFICATE_WAIT)
+                    .await?;
                 let config = tls.client_config(src_identity, identities)?;
                 let tcp = socket::connect(&*factory, tunnel, src_ip)
                     .await

@@ -287,6 +287,7 @@ fn parse_config(
             vips,
             ports: s.ports,
             subject_alt_names: s.subject_alt_names,
+            waypoint: None,
         });
     }
     for Spanned {
@@ -371,6 +372,10 @@ fn workload(w: LocalWorkload, defaults: &Defaults) -> Result<(Workload, ServiceP
         status: w.status,
         authorization_policies: w.authorization_policies,
         netns,
+        network: String::new(),
+        hostname: String::new(),
+        waypoint: None,
+        network_gateway: None,
     };
     Ok((workload, services))
 }

@@ -6,5 +6,5 @@ pub mod store;
 pub mod workload;
 
 pub use service::{Endpoint, Service, ServiceKey};
-pub use store::{Snapshot, SourceData, StateStore};
-pub use workload::{HealthStatus, Netns, Protocol, Workload};
+pub use store::{Delta, EndpointPorts, Snapshot, SourceData, StateStore};
+pub use workload::{GatewayAddress, GatewayDestination, HealthStatus, Netns, Protocol, Workload};

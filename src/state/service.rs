@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::workload::Workload;
+use super::workload::{GatewayAddress, Workload};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -51,6 +51,8 @@ pub struct Service {
     pub ports: BTreeMap<u16, u16>,
     /// Extra identities a client accepts from any endpoint of this service.
     pub subject_alt_names: Vec<String>,
+    /// The waypoint traffic to this service must pass through (not routed through yet).
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl Service {

@@ -1,11 +1,19 @@
-//! The state store: one read-mostly snapshot of everything weft knows, rebuilt whole when any
-//! source (local file, Kubernetes) changes, and read without locks on the data path.
+//! The state store: one read-mostly snapshot of everything weft knows, merged from every source
+//! (local file, Kubernetes, istiod) and read without locks on the data path.
+//!
+//! Updates are incremental. A snapshot's maps are persistent (imbl): the next snapshot shares
+//! everything with the last but the paths to what changed, so applying one xDS resource to a
+//! mesh of 10 000 workloads costs a few map operations, not a rebuild of the world. Sources that
+//! can only say "here is everything" (the local file, the Kubernetes mirrors) go through the
+//! same path: [`StateStore::replace_source`] turns their full state into the changes against
+//! what they said before.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use imbl::{HashMap as PHashMap, OrdMap};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -13,8 +21,8 @@ use super::service::{Endpoint, Service, ServiceKey};
 use super::workload::{HealthStatus, Workload};
 use crate::authz::{Policy, PolicySet};
 
-/// What one configuration source currently says. Sources never see each other's data; the
-/// store merges them.
+/// What one configuration source currently says, whole. Sources never see each other's data;
+/// the store merges them.
 #[derive(Clone, Debug, Default)]
 pub struct SourceData {
     pub workloads: Vec<Workload>,
@@ -24,18 +32,55 @@ pub struct SourceData {
     pub policies: Vec<Policy>,
 }
 
+/// Port maps of the services one workload is an endpoint of.
+pub type EndpointPorts = BTreeMap<ServiceKey, BTreeMap<u16, u16>>;
+
+/// Changes one source makes. Applied in one step: readers see all of it or none of it.
+#[derive(Clone, Debug, Default)]
+pub struct Delta {
+    /// A workload, with the services it is an endpoint of (replacing what the source said of
+    /// that workload's endpoints before).
+    pub upsert_workloads: Vec<(Workload, EndpointPorts)>,
+    /// Workload uids whose workload and endpoints this source no longer states.
+    pub remove_workloads: Vec<String>,
+    /// Endpoints stated for a workload another source describes (a service's endpoint list in
+    /// the local file naming a Kubernetes pod, say).
+    pub upsert_endpoints: Vec<(String, EndpointPorts)>,
+    pub upsert_services: Vec<Service>,
+    pub remove_services: Vec<ServiceKey>,
+    pub upsert_policies: Vec<Policy>,
+    /// `namespace/name` keys.
+    pub remove_policies: Vec<String>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.upsert_workloads.is_empty()
+            && self.remove_workloads.is_empty()
+            && self.upsert_endpoints.is_empty()
+            && self.upsert_services.is_empty()
+            && self.remove_services.is_empty()
+            && self.upsert_policies.is_empty()
+            && self.remove_policies.is_empty()
+    }
+}
+
 /// An immutable view of the merged state. Cheap to hold across a whole connection.
-#[derive(Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Snapshot {
     pub generation: u64,
-    pub workloads: BTreeMap<String, Arc<Workload>>,
+    pub workloads: OrdMap<String, Arc<Workload>>,
     #[serde(skip)]
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    pub services: BTreeMap<ServiceKey, Arc<Service>>,
+    by_ip: PHashMap<IpAddr, Arc<Workload>>,
+    pub services: OrdMap<ServiceKey, Arc<Service>>,
     #[serde(skip)]
-    by_vip: HashMap<IpAddr, Arc<Service>>,
-    pub endpoints: BTreeMap<ServiceKey, Vec<Endpoint>>,
-    pub policies: PolicySet,
+    by_vip: PHashMap<IpAddr, Arc<Service>>,
+    /// service → workload uid → endpoint.
+    pub endpoints: OrdMap<ServiceKey, OrdMap<String, Endpoint>>,
+    /// workload uid → the services it is an endpoint of (the reverse of `endpoints`).
+    #[serde(skip)]
+    services_by_uid: PHashMap<String, Arc<BTreeSet<ServiceKey>>>,
+    pub policies: Arc<PolicySet>,
 }
 
 impl Snapshot {
@@ -56,67 +101,59 @@ impl Snapshot {
         self.endpoints
             .get(key)
             .into_iter()
-            .flatten()
+            .flat_map(|eps| eps.values())
             .filter(|e| e.workload.status == HealthStatus::Healthy)
     }
 
     /// Services a workload is an endpoint of (for metrics' destination_service).
-    pub fn services_of<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
-        self.endpoints
-            .iter()
-            .filter(move |(_, eps)| eps.iter().any(|e| e.workload.uid == uid))
-            .filter_map(|(k, _)| self.services.get(k))
+    pub fn services_of<'a>(&'a self, uid: &str) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.services_by_uid
+            .get(uid)
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .filter_map(|k| self.services.get(k))
     }
+}
 
-    fn build(generation: u64, sources: &BTreeMap<String, SourceData>, root_ns: &str) -> Self {
-        let mut snap = Snapshot {
-            generation,
-            ..Default::default()
-        };
-        let mut policies = Vec::new();
-        // Sources are merged in name order; a later source's object with the same key wins.
-        for data in sources.values() {
-            for w in &data.workloads {
-                let w = Arc::new(w.clone());
-                snap.workloads.insert(w.uid.clone(), w);
-            }
-            for s in &data.services {
-                snap.services.insert(s.key(), Arc::new(s.clone()));
-            }
-            policies.extend(data.policies.iter().cloned());
-        }
-        for w in snap.workloads.values() {
-            for ip in &w.workload_ips {
-                snap.by_ip.insert(*ip, w.clone());
-            }
-        }
-        for s in snap.services.values() {
-            for vip in &s.vips {
-                snap.by_vip.insert(*vip, s.clone());
-            }
-        }
-        for data in sources.values() {
-            for (key, uid, ports) in &data.endpoints {
-                let Some(w) = snap.workloads.get(uid) else {
-                    continue;
-                };
-                let eps = snap.endpoints.entry(key.clone()).or_default();
-                eps.retain(|e| e.workload.uid != *uid);
-                eps.push(Endpoint {
-                    workload: w.clone(),
-                    ports: ports.clone(),
-                });
+/// What one source holds, kept so that the store can tell which source wins a key and what a
+/// full replacement changes.
+#[derive(Clone, Debug, Default)]
+struct SourceMaps {
+    workloads: OrdMap<String, Arc<Workload>>,
+    endpoints: OrdMap<String, Arc<EndpointPorts>>,
+    services: OrdMap<ServiceKey, Arc<Service>>,
+    policies: OrdMap<String, Arc<Policy>>,
+}
+
+/// Sources by name; for a key held by several, the last in name order wins.
+#[derive(Default)]
+struct Sources(BTreeMap<String, SourceMaps>);
+
+impl Sources {
+    fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.0.values().rev().find_map(|s| s.workloads.get(uid))
+    }
+    fn endpoints(&self, uid: &str) -> Option<&Arc<EndpointPorts>> {
+        self.0.values().rev().find_map(|s| s.endpoints.get(uid))
+    }
+    fn service(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
+        self.0.values().rev().find_map(|s| s.services.get(key))
+    }
+    fn policies(&self) -> Vec<Policy> {
+        let mut merged: BTreeMap<&str, &Arc<Policy>> = BTreeMap::new();
+        for s in self.0.values() {
+            for (k, p) in s.policies.iter() {
+                merged.insert(k, p);
             }
         }
-        snap.policies = PolicySet::new(policies, root_ns.to_string());
-        snap
+        merged.into_values().map(|p| (**p).clone()).collect()
     }
 }
 
 /// Holds the current snapshot and tells subscribers when it changes.
 pub struct StateStore {
     current: ArcSwap<Snapshot>,
-    sources: Mutex<BTreeMap<String, SourceData>>,
+    sources: Mutex<Sources>,
     changed: watch::Sender<u64>,
     root_namespace: String,
 }
@@ -124,11 +161,16 @@ pub struct StateStore {
 impl StateStore {
     pub fn new(root_namespace: impl Into<String>) -> Arc<Self> {
         let (changed, _) = watch::channel(0);
+        let root_namespace = root_namespace.into();
+        let empty = Snapshot {
+            policies: Arc::new(PolicySet::new(Vec::new(), root_namespace.clone())),
+            ..Snapshot::default()
+        };
         Arc::new(StateStore {
-            current: ArcSwap::from_pointee(Snapshot::default()),
-            sources: Mutex::new(BTreeMap::new()),
+            current: ArcSwap::from_pointee(empty),
+            sources: Mutex::new(Sources::default()),
             changed,
-            root_namespace: root_namespace.into(),
+            root_namespace,
         })
     }
 
@@ -136,14 +178,82 @@ impl StateStore {
         self.current.load_full()
     }
 
-    /// Replaces everything `source` said before with `data`.
+    /// Replaces everything `source` said before with `data`: applied as the changes between
+    /// the two, so unchanged objects keep their place (and their `Arc`) in the snapshot.
     pub fn replace_source(&self, source: &str, data: SourceData) {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        sources.insert(source.to_string(), data);
-        let generation = self.current.load().generation + 1;
-        let snap = Snapshot::build(generation, &sources, &self.root_namespace);
+        let old = sources.0.get(source).cloned().unwrap_or_default();
+        let delta = diff(&old, data);
+        self.apply_locked(&mut sources, source, delta);
+    }
+
+    /// Applies changes from `source`.
+    pub fn apply(&self, source: &str, delta: Delta) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        self.apply_locked(&mut sources, source, delta);
+    }
+
+    fn apply_locked(&self, sources: &mut Sources, source: &str, delta: Delta) {
+        if delta.is_empty() {
+            return;
+        }
+        let mine = sources.0.entry(source.to_string()).or_default();
+        let mut touched_uids: BTreeSet<String> = BTreeSet::new();
+        let mut touched_services: BTreeSet<ServiceKey> = BTreeSet::new();
+        let policies_changed =
+            !delta.upsert_policies.is_empty() || !delta.remove_policies.is_empty();
+        for uid in delta.remove_workloads {
+            mine.workloads.remove(&uid);
+            mine.endpoints.remove(&uid);
+            touched_uids.insert(uid);
+        }
+        for (w, eps) in delta.upsert_workloads {
+            let uid = w.uid.clone();
+            mine.workloads.insert(uid.clone(), Arc::new(w));
+            if eps.is_empty() {
+                mine.endpoints.remove(&uid);
+            } else {
+                mine.endpoints.insert(uid.clone(), Arc::new(eps));
+            }
+            touched_uids.insert(uid);
+        }
+        for (uid, eps) in delta.upsert_endpoints {
+            mine.workloads.remove(&uid);
+            mine.endpoints.insert(uid.clone(), Arc::new(eps));
+            touched_uids.insert(uid);
+        }
+        for key in delta.remove_services {
+            mine.services.remove(&key);
+            touched_services.insert(key);
+        }
+        for s in delta.upsert_services {
+            let key = s.key();
+            mine.services.insert(key.clone(), Arc::new(s));
+            touched_services.insert(key);
+        }
+        for key in delta.remove_policies {
+            mine.policies.remove(&key);
+        }
+        for p in delta.upsert_policies {
+            mine.policies.insert(p.key(), Arc::new(p));
+        }
+
+        let mut snap = (**self.current.load()).clone();
+        snap.generation += 1;
+        for uid in &touched_uids {
+            merge_workload(&mut snap, sources, uid);
+        }
+        for key in &touched_services {
+            merge_service(&mut snap, sources, key);
+        }
+        if policies_changed {
+            snap.policies = Arc::new(PolicySet::new(
+                sources.policies(),
+                self.root_namespace.clone(),
+            ));
+        }
+        let generation = snap.generation;
         self.current.store(Arc::new(snap));
-        drop(sources);
         self.changed.send_replace(generation);
     }
 
@@ -151,4 +261,134 @@ impl StateStore {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+}
+
+/// Makes the snapshot's view of workload `uid` (its addresses and endpoints) what the sources
+/// now say.
+fn merge_workload(snap: &mut Snapshot, sources: &Sources, uid: &str) {
+    if let Some(old) = snap.workloads.remove(uid) {
+        for ip in &old.workload_ips {
+            if snap.by_ip.get(ip).is_some_and(|w| w.uid == uid) {
+                snap.by_ip.remove(ip);
+            }
+        }
+    }
+    if let Some(keys) = snap.services_by_uid.remove(uid) {
+        for key in keys.iter() {
+            if let Some(eps) = snap.endpoints.get_mut(key) {
+                eps.remove(uid);
+                if eps.is_empty() {
+                    snap.endpoints.remove(key);
+                }
+            }
+        }
+    }
+    let Some(w) = sources.workload(uid) else {
+        return;
+    };
+    snap.workloads.insert(uid.to_string(), w.clone());
+    for ip in &w.workload_ips {
+        snap.by_ip.insert(*ip, w.clone());
+    }
+    let Some(eps) = sources.endpoints(uid) else {
+        return;
+    };
+    for (key, ports) in eps.iter() {
+        snap.endpoints.entry(key.clone()).or_default().insert(
+            uid.to_string(),
+            Endpoint {
+                workload: w.clone(),
+                ports: ports.clone(),
+            },
+        );
+    }
+    snap.services_by_uid
+        .insert(uid.to_string(), Arc::new(eps.keys().cloned().collect()));
+}
+
+fn merge_service(snap: &mut Snapshot, sources: &Sources, key: &ServiceKey) {
+    if let Some(old) = snap.services.remove(key) {
+        for vip in &old.vips {
+            if snap.by_vip.get(vip).is_some_and(|s| s.key() == *key) {
+                snap.by_vip.remove(vip);
+            }
+        }
+    }
+    if let Some(s) = sources.service(key) {
+        snap.services.insert(key.clone(), s.clone());
+        for vip in &s.vips {
+            snap.by_vip.insert(*vip, s.clone());
+        }
+    }
+}
+
+/// The changes that turn what a source held into `data`.
+fn diff(old: &SourceMaps, data: SourceData) -> Delta {
+    let mut delta = Delta::default();
+    let mut endpoints: BTreeMap<String, EndpointPorts> = BTreeMap::new();
+    for (key, uid, ports) in data.endpoints {
+        endpoints.entry(uid).or_default().insert(key, ports);
+    }
+    let mut seen = BTreeSet::new();
+    for w in data.workloads {
+        let eps = endpoints.remove(&w.uid).unwrap_or_default();
+        let same = old.workloads.get(&w.uid).is_some_and(|o| **o == w)
+            && old
+                .endpoints
+                .get(&w.uid)
+                .map_or(eps.is_empty(), |o| **o == eps);
+        seen.insert(w.uid.clone());
+        if !same {
+            delta.upsert_workloads.push((w, eps));
+        }
+    }
+    // What is left names workloads this source does not describe.
+    for (uid, eps) in endpoints {
+        let same = !old.workloads.contains_key(&uid)
+            && old.endpoints.get(&uid).is_some_and(|o| **o == eps);
+        seen.insert(uid.clone());
+        if !same {
+            delta.upsert_endpoints.push((uid, eps));
+        }
+    }
+    delta.remove_workloads = old
+        .workloads
+        .keys()
+        .chain(old.endpoints.keys())
+        .filter(|uid| !seen.contains(*uid))
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut seen_services = BTreeSet::new();
+    for s in data.services {
+        let key = s.key();
+        let same = old.services.get(&key).is_some_and(|o| **o == s);
+        seen_services.insert(key);
+        if !same {
+            delta.upsert_services.push(s);
+        }
+    }
+    delta.remove_services = old
+        .services
+        .keys()
+        .filter(|k| !seen_services.contains(*k))
+        .cloned()
+        .collect();
+    let mut seen_policies = BTreeSet::new();
+    for p in data.policies {
+        let key = p.key();
+        let same = old.policies.get(&key).is_some_and(|o| **o == p);
+        seen_policies.insert(key);
+        if !same {
+            delta.upsert_policies.push(p);
+        }
+    }
+    delta.remove_policies = old
+        .policies
+        .keys()
+        .filter(|k| !seen_policies.contains(*k))
+        .cloned()
+        .collect();
+    delta
 }

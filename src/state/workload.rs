@@ -24,6 +24,26 @@ pub enum HealthStatus {
     Unhealthy,
 }
 
+/// A waypoint or a network gateway a workload or service names: where traffic for it goes
+/// instead of straight to it. Kept in the state for the waypoint and multi-network work; weft
+/// does not route through it yet.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddress {
+    pub destination: GatewayDestination,
+    /// The gateway's HBONE port (15008 when the control plane says 0).
+    pub hbone_mtls_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum GatewayDestination {
+    /// A service, by `namespace` and `hostname`.
+    Hostname { namespace: String, hostname: String },
+    /// An address on a network.
+    Address { network: String, address: IpAddr },
+}
+
 /// Where a local workload's sockets live. `Pod` is a captured pod; `Here` is weft's own network
 /// namespace (sidecar-like use, and in-process tests).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -43,6 +63,10 @@ pub struct Workload {
     pub workload_ips: Vec<IpAddr>,
     pub protocol: Protocol,
     pub node: String,
+    /// The network the workload's addresses belong to (empty: the local network).
+    pub network: String,
+    /// A DNS name standing for the workload when it has no address.
+    pub hostname: String,
     pub cluster_id: String,
     pub canonical_name: String,
     pub canonical_revision: String,
@@ -52,6 +76,10 @@ pub struct Workload {
     /// Names (`ns/name`) of policies that select this workload explicitly, as ztunnel's local
     /// config lists them.
     pub authorization_policies: Vec<String>,
+    /// The waypoint traffic to this workload must pass through.
+    pub waypoint: Option<GatewayAddress>,
+    /// The gateway through which this workload is reached from other networks.
+    pub network_gateway: Option<GatewayAddress>,
     /// Set for workloads this weft captures.
     pub netns: Option<Netns>,
 }

@@ -4,21 +4,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn script() -> PathBuf {
+pub(crate) fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/k8s-testenv.sh")
 }
 
-/// kubectl as cached by `k8s-testenv.sh install`.
-fn kubectl() -> PathBuf {
+/// A binary as cached by `k8s-testenv.sh install` (`name` as in its `paths` output: etcd,
+/// kube-apiserver, kubectl, pilot-discovery, istioctl).
+pub(crate) fn cached_binary(name: &str) -> PathBuf {
     let out = Command::new("bash")
         .arg(script())
         .arg("paths")
         .output()
         .expect("k8s-testenv.sh paths");
+    let prefix = format!("{name}=");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("kubectl=").map(PathBuf::from))
-        .expect("kubectl path")
+        .find_map(|l| l.strip_prefix(prefix.as_str()).map(PathBuf::from))
+        .unwrap_or_else(|| panic!("no {name} in `k8s-testenv.sh paths`"))
+}
+
+fn kubectl() -> PathBuf {
+    cached_binary("kubectl")
 }
 
 pub struct ApiServer {
@@ -47,6 +53,11 @@ impl ApiServer {
             dir,
             restarted: Default::default(),
         }
+    }
+
+    /// The environment's directory (kubeconfig, env, pid files, logs; istiod's files too).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -78,6 +89,84 @@ impl ApiServer {
             "kubectl apply {manifests:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Runs kubectl as the admin; returns its stdout. Panics with its stderr if it fails.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.run_kubectl(args, None)
+    }
+
+    /// `kubectl apply -f -` of the given YAML (one or more documents), as the admin.
+    pub fn apply_yaml(&self, yaml: &str) {
+        self.run_kubectl(&["apply", "-f", "-"], Some(yaml));
+    }
+
+    /// A service-account token from the TokenRequest API (`kubectl create token`) for
+    /// `namespace/service_account` with `audience`, bound to the Pod `bound_pod` of that
+    /// namespace if given (the Pod must exist; the token then carries its name and UID, which
+    /// istiod's CA needs to authorize a node proxy's impersonation).
+    pub fn token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        bound_pod: Option<&str>,
+    ) -> String {
+        let mut args = vec![
+            "create",
+            "token",
+            service_account,
+            "-n",
+            namespace,
+            "--audience",
+            audience,
+            "--duration",
+            "1h",
+        ];
+        if let Some(pod) = bound_pod {
+            args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
+        }
+        let token = self.kubectl(&args).trim().to_string();
+        assert!(
+            token.split('.').count() == 3,
+            "TokenRequest gave no JWT: {token:?}"
+        );
+        token
+    }
+
+    /// kubectl with `input` on its standard input (e.g. `create -o json -f -`); returns stdout.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> String {
+        self.run_kubectl(args, Some(input))
+    }
+
+    fn run_kubectl(&self, args: &[&str], input: Option<&str>) -> String {
+        use std::io::Write;
+        let mut child = Command::new(kubectl())
+            .env("KUBECONFIG", self.kubeconfig())
+            .arg("--request-timeout=30s")
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        if let Some(text) = input {
+            let mut stdin = child.stdin.take().expect("kubectl stdin");
+            stdin
+                .write_all(text.as_bytes())
+                .expect("write kubectl stdin");
+        }
+        let out = child.wait_with_output().expect("kubectl output");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn pid_file(&self) -> PathBuf {

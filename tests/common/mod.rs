@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod fake_xds;
+pub mod istio;
 pub mod lab;
 
 use std::io::Write;
@@ -47,6 +49,13 @@ impl Write for LogBuffer {
 }
 
 impl LogBuffer {
+    /// The last `n` lines, for a failing test to show what happened.
+    pub fn tail(&self, n: usize) -> String {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
         let text = String::from_utf8_lossy(&self.0.lock().unwrap()).to_string();
         text.lines()
@@ -110,7 +119,7 @@ pub async fn start_node(node: &str, config: &Path) -> Node {
         settings(node),
         Sources {
             config_file: Some(config.to_owned()),
-            kubernetes: None,
+            ..Sources::default()
         },
         None,
         None,
