@@ -392,3 +392,198 @@ fn diff(old: &SourceMaps, data: SourceData) -> Delta {
         .collect();
     delta
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::{Action, Scope};
+
+    fn w(uid: &str, ip: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "shop".into(),
+            workload_ips: vec![ip.parse().unwrap()],
+            ..Workload::default()
+        }
+    }
+
+    fn svc(host: &str, vip: &str) -> Service {
+        Service {
+            name: host.into(),
+            namespace: "shop".into(),
+            hostname: host.into(),
+            vips: vec![vip.parse().unwrap()],
+            ports: BTreeMap::from([(80, 8080)]),
+            subject_alt_names: vec![],
+            waypoint: None,
+        }
+    }
+
+    fn key(host: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: "shop".into(),
+            hostname: host.into(),
+        }
+    }
+
+    fn policy(name: &str) -> Policy {
+        Policy {
+            name: name.into(),
+            namespace: "shop".into(),
+            scope: Scope::Namespace,
+            action: Action::Deny,
+            rules: vec![],
+            dry_run: false,
+            warnings: vec![],
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn deltas_update_every_index_and_leave_the_rest_shared() {
+        let store = StateStore::new("istio-system");
+        let eps = EndpointPorts::from([(key("web"), BTreeMap::from([(80, 8080)]))]);
+        store.apply(
+            "xds",
+            Delta {
+                upsert_workloads: vec![
+                    (w("a", "10.0.0.1"), eps.clone()),
+                    (w("b", "10.0.0.2"), eps),
+                ],
+                upsert_services: vec![svc("web", "10.1.0.1")],
+                upsert_policies: vec![policy("p")],
+                ..Delta::default()
+            },
+        );
+        let s1 = store.snapshot();
+        assert_eq!(s1.healthy_endpoints(&key("web")).count(), 2);
+        assert_eq!(s1.services_of("a").count(), 1);
+        assert!(s1.service_by_vip(ip("10.1.0.1")).is_some());
+        assert_eq!(s1.policies.len(), 1);
+
+        // A workload moves to another IP and leaves the service; the other is untouched.
+        store.apply(
+            "xds",
+            Delta {
+                upsert_workloads: vec![(w("a", "10.0.0.9"), EndpointPorts::new())],
+                ..Delta::default()
+            },
+        );
+        let s2 = store.snapshot();
+        assert!(
+            s2.workload_by_ip(ip("10.0.0.1")).is_none(),
+            "old address forgotten"
+        );
+        assert_eq!(
+            s2.workload_by_ip(ip("10.0.0.9")).map(|w| w.uid.as_str()),
+            Some("a")
+        );
+        assert_eq!(s2.services_of("a").count(), 0);
+        assert_eq!(s2.healthy_endpoints(&key("web")).count(), 1);
+        assert!(
+            Arc::ptr_eq(
+                s1.workload_by_uid("b").unwrap(),
+                s2.workload_by_uid("b").unwrap()
+            ),
+            "an unchanged workload is the same object"
+        );
+        assert!(
+            Arc::ptr_eq(&s1.policies, &s2.policies),
+            "no policy change, no policy rebuild"
+        );
+        assert_eq!(s2.generation, s1.generation + 1);
+
+        // Removals.
+        store.apply(
+            "xds",
+            Delta {
+                remove_workloads: vec!["b".into()],
+                remove_services: vec![key("web")],
+                remove_policies: vec!["shop/p".into()],
+                ..Delta::default()
+            },
+        );
+        let s3 = store.snapshot();
+        assert!(s3.workload_by_ip(ip("10.0.0.2")).is_none());
+        assert!(s3.endpoints.get(&key("web")).is_none());
+        assert!(s3.service_by_vip(ip("10.1.0.1")).is_none());
+        assert!(s3.policies.is_empty());
+        // The old snapshot a connection holds is unchanged.
+        assert_eq!(s1.workloads.len(), 2);
+    }
+
+    #[test]
+    fn replace_source_is_a_diff_and_sources_merge_by_name() {
+        let store = StateStore::new("istio-system");
+        let data = |ip_a: &str| SourceData {
+            workloads: vec![w("a", ip_a), w("b", "10.0.0.2")],
+            services: vec![svc("web", "10.1.0.1")],
+            endpoints: vec![(key("web"), "a".into(), BTreeMap::new())],
+            policies: vec![policy("p")],
+        };
+        store.replace_source("kubernetes", data("10.0.0.1"));
+        let s1 = store.snapshot();
+        let g = s1.generation;
+        store.replace_source("kubernetes", data("10.0.0.1"));
+        assert_eq!(
+            store.snapshot().generation,
+            g,
+            "nothing changed, nothing applied"
+        );
+        store.replace_source("kubernetes", data("10.0.0.5"));
+        let s2 = store.snapshot();
+        assert!(Arc::ptr_eq(
+            s1.workload_by_uid("b").unwrap(),
+            s2.workload_by_uid("b").unwrap()
+        ));
+        assert!(Arc::ptr_eq(&s1.policies, &s2.policies));
+        assert_eq!(
+            s2.healthy_endpoints(&key("web"))
+                .next()
+                .map(|e| e.workload.workload_ips[0]),
+            Some(ip("10.0.0.5"))
+        );
+
+        // A later source (by name) wins a key both hold; removing it reveals the other again.
+        store.replace_source(
+            "local",
+            SourceData {
+                workloads: vec![w("a", "10.0.0.7")],
+                ..SourceData::default()
+            },
+        );
+        assert_eq!(
+            store.snapshot().workload_by_uid("a").unwrap().workload_ips[0],
+            ip("10.0.0.7")
+        );
+        store.replace_source("local", SourceData::default());
+        let s3 = store.snapshot();
+        assert_eq!(
+            s3.workload_by_uid("a").unwrap().workload_ips[0],
+            ip("10.0.0.5")
+        );
+        assert!(s3.workload_by_ip(ip("10.0.0.7")).is_none());
+
+        // Endpoints a source states for a workload it does not describe.
+        store.replace_source(
+            "local",
+            SourceData {
+                endpoints: vec![(key("web"), "b".into(), BTreeMap::new())],
+                ..SourceData::default()
+            },
+        );
+        assert_eq!(store.snapshot().services_of("b").count(), 1);
+        store.replace_source("kubernetes", SourceData::default());
+        let s4 = store.snapshot();
+        assert!(s4.workloads.is_empty() && s4.services.is_empty() && s4.policies.is_empty());
+        assert!(
+            s4.endpoints.is_empty(),
+            "no endpoint without its workload: {:?}",
+            s4.endpoints
+        );
+    }
+}
