@@ -18,21 +18,9 @@ pub enum CertError {
 /// Every Istio-shaped SPIFFE identity in the certificate's URI SANs. URIs that are not
 /// `spiffe://td/ns/x/sa/y` are skipped, not errors: a certificate may carry other names.
 pub fn spiffe_identities(der: &[u8]) -> Result<Vec<Identity>, CertError> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::Parse(e.to_string()))?;
-    let Some(san) = cert
-        .subject_alternative_name()
-        .map_err(|e| CertError::San(e.to_string()))?
-    else {
-        return Ok(Vec::new());
-    };
-    Ok(san
-        .value
-        .general_names
+    Ok(uri_sans(der)?
         .iter()
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => uri.parse().ok(),
-            _ => None,
-        })
+        .filter_map(|uri| uri.parse().ok())
         .collect())
 }
 

@@ -2,9 +2,7 @@
 //! `IstioCertificateService`, answers that are right and answers that are wrong.
 
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -12,8 +10,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     PKCS_ECDSA_P256_SHA256,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
@@ -199,40 +196,6 @@ impl IstioCertificateService for TestCa {
     }
 }
 
-/// A TLS stream tonic's server can take (tonic's own impl needs its TLS feature).
-struct TlsIo(tokio_rustls::server::TlsStream<TcpStream>);
-
-impl tonic::transport::server::Connected for TlsIo {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
-
-impl AsyncRead for TlsIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
 /// The server on 127.0.0.1 and what the client needs to reach it.
 struct Harness {
     ca: Arc<TestCa>,
@@ -269,7 +232,6 @@ fn server_tls(root: &TestRoot) -> Arc<rustls::ServerConfig> {
 
 async fn start() -> Harness {
     let root = TestRoot::new("mesh root");
-    let tls = tokio_rustls::TlsAcceptor::from(server_tls(&root));
     let ca = Arc::new(TestCa {
         intermediate: root.intermediate("istiod intermediate"),
         root_pem: root.pem.clone(),
@@ -285,17 +247,7 @@ async fn start() -> Harness {
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("https://{}", listener.local_addr().unwrap());
-    let incoming = futures::stream::unfold((listener, tls), |(listener, tls)| async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return None;
-            };
-            // A client that gives up on the handshake is skipped, as a real server would.
-            if let Ok(stream) = tls.accept(tcp).await {
-                return Some((Ok::<_, std::io::Error>(TlsIo(stream)), (listener, tls)));
-            }
-        }
-    });
+    let incoming = crate::grpc::tls_incoming(listener, server_tls(&root));
     let service = IstioCertificateServiceServer::from_arc(ca.clone());
     let server = tokio::spawn(async move {
         // One service, so no router: tonic's `router` feature is not needed.
