@@ -118,6 +118,7 @@ impl Node {
                 xds.clone(),
                 state.clone(),
                 readiness.clone(),
+                metrics.clone(),
             ));
         }
 

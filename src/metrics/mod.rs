@@ -21,6 +21,28 @@ use prometheus_client::registry::Registry;
 pub use connection::ConnSeries;
 pub use labels::ConnLabels;
 
+/// An xDS resource type, as ztunnel labels its xDS metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeUrlLabels {
+    pub url: String,
+}
+
+/// Why an xDS stream ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TerminationLabels {
+    pub reason: Termination,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Termination {
+    /// Could not connect, or the stream broke.
+    ConnectionError,
+    /// The server ended the stream with an error status.
+    Error,
+    /// The server closed the stream cleanly.
+    Complete,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: Outcome,
@@ -54,6 +76,12 @@ pub struct Metrics {
     pub certificate_expiry_seconds: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
     pub open_fds: Gauge,
     pub worker_threads: Gauge,
+    /// xDS responses received, and their encoded size, per type (ztunnel's names).
+    pub xds_messages: Family<TypeUrlLabels, Counter>,
+    pub xds_message_bytes: Family<TypeUrlLabels, Counter>,
+    pub xds_terminations: Family<TerminationLabels, Counter>,
+    /// Resources refused (NACKed) per type.
+    pub xds_rejected: Family<TypeUrlLabels, Counter>,
     /// Serialises scrapes so the process gauges are set and read as one.
     scrape: Mutex<()>,
     /// Every connection label set seen, with its counters. Like the families above it only
@@ -83,6 +111,10 @@ impl Metrics {
             certificate_expiry_seconds: Family::default(),
             open_fds: Gauge::default(),
             worker_threads: Gauge::default(),
+            xds_messages: Family::default(),
+            xds_message_bytes: Family::default(),
+            xds_terminations: Family::default(),
+            xds_rejected: Family::default(),
             scrape: Mutex::new(()),
             series: RwLock::default(),
             registry: Registry::default(),
@@ -114,7 +146,28 @@ impl Metrics {
             "Bytes received during request (client to server)",
             m.received_bytes.clone(),
         );
+        istio.register(
+            "xds_message",
+            "xDS responses received, by type",
+            m.xds_messages.clone(),
+        );
+        istio.register_with_unit(
+            "xds_message",
+            "Bytes of xDS resources received, by type",
+            prometheus_client::registry::Unit::Bytes,
+            m.xds_message_bytes.clone(),
+        );
+        istio.register(
+            "xds_connection_terminations",
+            "xDS streams that ended, by reason",
+            m.xds_terminations.clone(),
+        );
         let weft = registry.sub_registry_with_prefix("weft");
+        weft.register(
+            "xds_rejected_resources",
+            "xDS resources refused (NACKed), by type; their last good version stays in force",
+            m.xds_rejected.clone(),
+        );
         weft.register(
             "captured_pods",
             "Pods captured by this node",

@@ -25,6 +25,7 @@ use super::translate::{self, Translated};
 use super::{XdsSettings, ADDRESS_TYPE, AUTHORIZATION_TYPE, SOURCE};
 use crate::admin::Readiness;
 use crate::capture::locate::NetnsFinder;
+use crate::metrics::{Metrics, Termination, TerminationLabels, TypeUrlLabels};
 use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Resource, Status,
@@ -81,12 +82,18 @@ pub fn start(
     settings: XdsSettings,
     store: Arc<StateStore>,
     readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
 ) -> JoinHandle<()> {
     readiness.pending(READINESS_TASK);
-    tokio::spawn(run(settings, store, readiness))
+    tokio::spawn(run(settings, store, readiness, metrics))
 }
 
-async fn run(settings: XdsSettings, store: Arc<StateStore>, readiness: Arc<Readiness>) {
+async fn run(
+    settings: XdsSettings,
+    store: Arc<StateStore>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+) {
     let mut memory = Memory {
         finder: Some(NetnsFinder::default()),
         ..Memory::default()
@@ -94,7 +101,16 @@ async fn run(settings: XdsSettings, store: Arc<StateStore>, readiness: Arc<Readi
     let mut backoff = MIN_BACKOFF;
     loop {
         let started = Instant::now();
-        let result = session(&settings, &store, &readiness, &mut memory).await;
+        let result = session(&settings, &store, &readiness, &metrics, &mut memory).await;
+        let reason = match &result {
+            Ok(()) => Termination::Complete,
+            Err(XdsError::Status(s)) if s.code() != tonic::Code::Unavailable => Termination::Error,
+            Err(_) => Termination::ConnectionError,
+        };
+        metrics
+            .xds_terminations
+            .get_or_create(&TerminationLabels { reason })
+            .inc();
         // A stream that lived a while was healthy: start the back-off over.
         if started.elapsed() > MAX_BACKOFF {
             backoff = MIN_BACKOFF;
@@ -152,6 +168,7 @@ async fn session(
     settings: &XdsSettings,
     store: &Arc<StateStore>,
     readiness: &Readiness,
+    metrics: &Metrics,
     memory: &mut Memory,
 ) -> Result<(), XdsError> {
     let channel = crate::grpc::channel(&settings.target)?;
@@ -192,7 +209,14 @@ async fn session(
         tokio::select! {
             msg = responses.message() => {
                 let Some(resp) = msg? else { return Ok(()) };
+                let url = TypeUrlLabels { url: resp.type_url.clone() };
+                metrics.xds_messages.get_or_create(&url).inc();
+                let bytes: usize = resp.resources.iter().filter_map(|r| r.resource.as_ref()).map(|a| a.value.len()).sum();
+                metrics.xds_message_bytes.get_or_create(&url).inc_by(bytes as u64);
                 let reply = handle(settings, store, memory, resp).await;
+                if reply.rejected > 0 {
+                    metrics.xds_rejected.get_or_create(&url).inc_by(reply.rejected as u64);
+                }
                 if let Some(type_url) = reply.synced {
                     if !memory.synced.contains(&type_url) {
                         memory.synced.push(type_url);
@@ -217,6 +241,8 @@ async fn session(
 struct Reply {
     request: DeltaDiscoveryRequest,
     synced: Option<&'static str>,
+    /// Resources refused in this response.
+    rejected: usize,
 }
 
 async fn handle(
@@ -241,6 +267,7 @@ async fn handle(
                     format!("type {other} is not subscribed"),
                 ),
                 synced: None,
+                rejected: resp.resources.len(),
             };
         }
     };
@@ -312,6 +339,7 @@ async fn handle(
         apply_us = t0.elapsed().as_micros() as u64,
         "xDS response applied"
     );
+    let rejected = errors.len();
     let request = if errors.is_empty() {
         DeltaDiscoveryRequest {
             type_url: type_url.into(),
@@ -324,6 +352,7 @@ async fn handle(
     Reply {
         request,
         synced: Some(type_url),
+        rejected,
     }
 }
 
