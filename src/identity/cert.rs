@@ -75,39 +75,14 @@ pub fn facts(der: &[u8]) -> Result<CertFacts, CertError> {
 
 /// `-----BEGIN CERTIFICATE-----` text for a DER certificate, 64 columns, trailing newline.
 pub fn der_to_pem(der: &[u8]) -> String {
-    let body = base64(der);
-    let mut out = String::with_capacity(body.len() + body.len() / 64 + 60);
-    out.push_str("-----BEGIN CERTIFICATE-----\n");
-    for line in body.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), config)
 }
 
-/// Standard base64 with padding (RFC 4648 §4). Small enough to keep here rather than pull a
-/// crate in for /config_dump alone.
+/// Standard base64 with padding (RFC 4648 §4).
 pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 0x3f) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// RFC 3339 in UTC to the second (`2026-03-11T12:57:26Z`), as istioctl parses it.
@@ -133,6 +108,18 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_round_trips() {
+        let der = b"not really a certificate, any bytes will do".to_vec();
+        let pem = der_to_pem(&der);
+        assert!(
+            pem.starts_with("-----BEGIN CERTIFICATE-----\n")
+                && pem.ends_with("-----END CERTIFICATE-----\n"),
+            "{pem}"
+        );
+        assert_eq!(pem::parse(&pem).unwrap().contents(), der.as_slice());
+    }
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
