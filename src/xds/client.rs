@@ -57,7 +57,7 @@ pub enum XdsError {
 }
 
 /// What a resource name stood for, so that a removal can be applied.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Held {
     Workload(String),
     Service(ServiceKey),
@@ -279,7 +279,7 @@ async fn handle(
         match decode(type_url, &r, &settings.defaults) {
             Ok(decoded) => {
                 let held = match decoded {
-                    Decoded::Workload(w, eps) => {
+                    Decoded::Address(Translated::Workload(w, eps)) => {
                         let uid = w.uid.clone();
                         memory.unresolved.remove(&uid);
                         if w.protocol == Protocol::HBONE && w.node == settings.node_name {
@@ -289,7 +289,7 @@ async fn handle(
                         }
                         Held::Workload(uid)
                     }
-                    Decoded::Service(s) => {
+                    Decoded::Address(Translated::Service(s)) => {
                         let key = s.key();
                         delta.upsert_services.push(s);
                         Held::Service(key)
@@ -305,7 +305,9 @@ async fn handle(
                 };
                 // A resource that changed kind or key: what it was is gone.
                 if let Some(before) = memory.names.insert(r.name.clone(), held.clone()) {
-                    remove_held(&mut delta, memory, before, Some(&held));
+                    if before != held {
+                        remove_held(&mut delta, memory, before);
+                    }
                 }
                 memory
                     .versions
@@ -325,7 +327,7 @@ async fn handle(
             v.remove(&name);
         }
         match memory.names.remove(&name) {
-            Some(held) => remove_held(&mut delta, memory, held, None),
+            Some(held) => remove_held(&mut delta, memory, held),
             None => debug!(type_url, resource = %name, "removal of a resource weft does not hold"),
         }
     }
@@ -356,36 +358,22 @@ async fn handle(
     }
 }
 
-fn remove_held(delta: &mut Delta, memory: &mut Memory, held: Held, now: Option<&Held>) {
+fn remove_held(delta: &mut Delta, memory: &mut Memory, held: Held) {
     match held {
         Held::Workload(uid) => {
-            if matches!(now, Some(Held::Workload(u)) if *u == uid) {
-                return;
-            }
             memory.unresolved.remove(&uid);
             if let Some(f) = memory.finder.as_mut() {
                 f.forget(&uid);
             }
             delta.remove_workloads.push(uid);
         }
-        Held::Service(key) => {
-            if matches!(now, Some(Held::Service(k)) if *k == key) {
-                return;
-            }
-            delta.remove_services.push(key);
-        }
-        Held::Policy(key) => {
-            if matches!(now, Some(Held::Policy(k)) if *k == key) {
-                return;
-            }
-            delta.remove_policies.push(key);
-        }
+        Held::Service(key) => delta.remove_services.push(key),
+        Held::Policy(key) => delta.remove_policies.push(key),
     }
 }
 
 enum Decoded {
-    Workload(Box<Workload>, EndpointPorts),
-    Service(crate::state::Service),
+    Address(Translated),
     Policy(crate::authz::Policy),
 }
 
@@ -399,10 +387,9 @@ fn decode(type_url: &str, r: &Resource, defaults: &translate::Defaults) -> Resul
     }
     if type_url == ADDRESS_TYPE {
         let a = Address::decode(any.value.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
-        match translate::address(a, defaults).map_err(|e| e.to_string())? {
-            Translated::Workload(w, eps) => Ok(Decoded::Workload(w, eps)),
-            Translated::Service(s) => Ok(Decoded::Service(s)),
-        }
+        translate::address(a, defaults)
+            .map(Decoded::Address)
+            .map_err(|e| e.to_string())
     } else {
         let a =
             Authorization::decode(any.value.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
