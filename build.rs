@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/authorization.proto",
         "proto/discovery.proto",
         "proto/ca.proto",
+        "proto/zds.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

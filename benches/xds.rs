@@ -174,6 +174,7 @@ fn main() {
                 cluster_id: "Kubernetes".into(),
             },
             node_name: "bench-node".into(),
+            find_netns: true,
         };
         let node = Node::start(
             settings,

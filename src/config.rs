@@ -118,6 +118,7 @@ pub const ISTIO_ENV: &[(&str, &str)] = &[
     ("ZTUNNEL_WORKER_THREADS", "WEFT_WORKER_THREADS"),
     ("TERMINATION_GRACE_PERIOD_SECONDS", "WEFT_DRAIN_SECONDS"),
     ("LOG_FORMAT", "WEFT_LOG_FORMAT"),
+    ("INPOD_UDS", "WEFT_ZDS_SOCKET"),
 ];
 
 /// Prefix of the variables whose rest is sent to istiod as node metadata, as ztunnel does.

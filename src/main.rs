@@ -55,8 +55,22 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// weft-cni, weft's chained CNI plugin, on this node: put it into the CNI configuration
+    /// list, or take it out.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy weft-cni into the CNI binary directory and chain it into the node's configuration.
+    Install(weft::cni::install::InstallOptions),
+    /// Remove weft-cni's entry from the node's configuration, and its binary.
+    Uninstall(weft::cni::install::InstallOptions),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +136,18 @@ struct RunArgs {
     instance_ip: String,
     #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "ztunnel")]
     service_account: String,
+    /// Take pods from istio-cni's node agent over ZDS at this Unix socket (ztunnel's
+    /// INPOD_UDS). The agent installs the redirection; weft only opens its listeners in the
+    /// namespaces it is handed, and looks for none itself.
+    #[arg(long, env = "WEFT_ZDS_SOCKET")]
+    zds_socket: Option<PathBuf>,
+    /// Serve weft's own CNI plugin (weft-cni) on this Unix socket: a pod is captured before
+    /// it starts, in the namespace the container runtime names.
+    #[arg(long, env = "WEFT_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
+    /// Where weft remembers the pods weft-cni handed it, so a restarted weft serves them again.
+    #[arg(long, env = "WEFT_CNI_STATE_DIR", default_value = "/var/run/weft/pods")]
+    cni_state_dir: PathBuf,
     /// DNS suffix of Kubernetes service hostnames.
     #[arg(long, env = "WEFT_DOMAIN_SUFFIX", default_value = "cluster.local")]
     domain_suffix: String,
@@ -198,6 +224,7 @@ impl RunArgs {
                 cluster_id: self.cluster_id.clone(),
             },
             node_name: self.node_name.clone(),
+            find_netns: self.zds_socket.is_none(),
         });
         if self.config.is_none() && kubernetes.is_none() && xds.is_none() {
             anyhow::bail!(
@@ -208,6 +235,14 @@ impl RunArgs {
             config_file: self.config.clone(),
             kubernetes,
             xds,
+            zds: self.zds_socket.clone(),
+            cni: self
+                .cni_socket
+                .clone()
+                .map(|socket| weft::cni::CniServerSettings {
+                    socket,
+                    state_dir: self.cni_state_dir.clone(),
+                }),
         })
     }
 
@@ -377,6 +412,11 @@ fn main() -> anyhow::Result<()> {
             if args.xds_address.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
                 args.xds_address = Some("istiod.istio-system.svc:15012".into());
             }
+            // ztunnel's default capture hand-off: istio-cni over ZDS (INPOD_ENABLED).
+            if args.zds_socket.is_none() && std::env::var("INPOD_ENABLED").as_deref() != Ok("false")
+            {
+                args.zds_socket = Some(weft::zds::DEFAULT_SOCKET.into());
+            }
             run(*args)
         }
         Command::Ca {
@@ -384,6 +424,19 @@ fn main() -> anyhow::Result<()> {
         } => {
             CertificateAuthority::init(&dir, &trust_domain)?;
             println!("created a root CA in {}", dir.display());
+            Ok(())
+        }
+        Command::Cni {
+            command: CniCommand::Install(opts),
+        } => {
+            println!("{}", weft::cni::install::install(&opts)?);
+            Ok(())
+        }
+        Command::Cni {
+            command: CniCommand::Uninstall(opts),
+        } => {
+            weft::cni::install::uninstall(&opts)?;
+            println!("weft-cni removed from {}", opts.cni_conf_dir.display());
             Ok(())
         }
         Command::Version => {

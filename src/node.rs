@@ -12,6 +12,7 @@ use tracing::info;
 
 use crate::admin::{self, AdminState, Endpoints, LogControl, Readiness};
 use crate::capture::enroll::Enroller;
+use crate::cni::server::CniServer;
 use crate::config::Settings;
 use crate::hbone::pool::Pool;
 use crate::hbone::tls::{self, TlsContext};
@@ -32,6 +33,10 @@ pub struct Sources {
     pub kubernetes: Option<KubeSettings>,
     /// istiod, over delta ADS.
     pub xds: Option<crate::xds::XdsSettings>,
+    /// istio-cni's node agent, over ZDS: it hands pods' namespaces over (its socket path).
+    pub zds: Option<PathBuf>,
+    /// weft's own CNI plugin, weft-cni, served on a Unix socket.
+    pub cni: Option<crate::cni::CniServerSettings>,
 }
 
 /// A running weft.
@@ -97,8 +102,10 @@ impl Node {
             )));
         }
 
+        let mut kube_client = None;
         if let Some(kube) = &sources.kubernetes {
             let client = k8s::client(kube).await?;
+            kube_client = Some(client.clone());
             let facts = ClusterFacts {
                 trust_domain: settings.trust_domain.clone(),
                 cluster_id: settings.cluster_id.clone(),
@@ -140,7 +147,7 @@ impl Node {
 
         let enroller = Enroller::new(ctx.clone(), settings.node_name.clone());
         readiness.pending("workload listeners");
-        let failures = enroller.reconcile(&state.snapshot());
+        let failures = enroller.clone().reconcile_blocking().await;
         if failures == 0 {
             readiness.done("workload listeners");
         }
@@ -148,12 +155,34 @@ impl Node {
             let (enroller, readiness) = (enroller.clone(), readiness.clone());
             tasks.push(tokio::spawn(async move {
                 // Ready once a reconcile has captured everything it was asked to.
-                while enroller.reconcile(&enroller_state(&enroller)) > 0 {
+                while enroller.clone().reconcile_blocking().await > 0 {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 readiness.done("workload listeners");
                 enroller.run().await;
             }));
+        }
+        if let Some(cni) = &sources.cni {
+            // Pods handed to an earlier weft are served again before weft says it is ready;
+            // then new ones are taken.
+            readiness.pending("weft-cni pods");
+            let server = CniServer::new(cni.clone(), enroller.clone(), kube_client.clone());
+            let restored = server.restore().await;
+            info!(restored, socket = %cni.socket.display(), "serving weft-cni");
+            tasks.push(
+                server
+                    .serve()
+                    .await
+                    .with_context(|| format!("binding the CNI socket {}", cni.socket.display()))?,
+            );
+            readiness.done("weft-cni pods");
+        }
+        if let Some(socket) = &sources.zds {
+            tasks.push(crate::zds::start(
+                socket.clone(),
+                enroller.clone(),
+                readiness.clone(),
+            ));
         }
         tasks.push(tokio::spawn(revalidate_on_change(ctx.clone())));
 
@@ -217,10 +246,6 @@ impl Node {
             t.abort();
         }
     }
-}
-
-fn enroller_state(e: &Enroller) -> Arc<crate::state::Snapshot> {
-    e.context().state.snapshot()
 }
 
 /// After every state change, closes live connections the new policies no longer allow.

@@ -133,6 +133,7 @@ async fn start_weft(node: &str, pod: &str, istiod: &Istiod, token: &Path) -> Wef
             cluster_id: "Kubernetes".into(),
         },
         node_name: node.into(),
+        find_netns: true,
     };
     let mut s = settings(node);
     // No CA directory at all: a signer that is not istiod's would fail to load.

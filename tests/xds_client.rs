@@ -93,6 +93,7 @@ async fn start(fake: &FakeIstiod) -> Node {
             cluster_id: "Kubernetes".into(),
         },
         node_name: "node-x".into(),
+        find_netns: true,
     };
     Node::start(
         settings("node-x"),

@@ -90,12 +90,25 @@ impl Netns {
             source,
         };
         let file = File::open(&path).map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
+        Netns::from_fd(OwnedFd::from(file), path)
+    }
+
+    /// Takes over an already open namespace file (one handed over by the CNI layer) and starts
+    /// its worker thread. `label` names it in messages. A descriptor that is not a network
+    /// namespace is refused here: the worker's `setns` fails.
+    pub fn from_fd(fd: OwnedFd, label: impl Into<PathBuf>) -> Result<Netns, CaptureError> {
+        let path = label.into();
+        let open_err = |source| CaptureError::Open {
+            path: path.clone(),
+            source,
+        };
+        let meta = File::from(fd.try_clone().map_err(open_err)?)
+            .metadata()
+            .map_err(open_err)?;
         let id = NsId {
             dev: meta.dev(),
             ino: meta.ino(),
         };
-        let fd = OwnedFd::from(file);
         // The worker gets its own copy of the fd, used once for setns.
         let worker_fd = fd.try_clone().map_err(open_err)?;
 

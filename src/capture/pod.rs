@@ -38,16 +38,30 @@ impl SocketFactory for NetnsSockets {
     }
 }
 
+/// Who installs the redirection of a captured pod's traffic to weft's listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RulesBy {
+    /// weft's own nftables table and policy routing (standalone mode).
+    Weft,
+    /// The CNI node agent (istio-cni) installed its own; weft only binds its sockets.
+    CniAgent,
+}
+
 pub struct PodNetwork {
     netns: Netns,
     rules: RuleParams,
     routes: RouteParams,
+    rules_by: RulesBy,
     ipv6: bool,
 }
 
 impl PodNetwork {
     pub fn open(path: &Path, settings: &Settings) -> Result<Self, CaptureError> {
-        let netns = Netns::open(path)?;
+        PodNetwork::new(Netns::open(path)?, settings, RulesBy::Weft)
+    }
+
+    pub fn new(netns: Netns, settings: &Settings, rules_by: RulesBy) -> Result<Self, CaptureError> {
         let ipv6 = netns.has_ipv6();
         let rules = RuleParams {
             outbound_port: settings.ports.outbound,
@@ -61,6 +75,7 @@ impl PodNetwork {
             netns,
             rules,
             routes: RouteParams::default(),
+            rules_by,
             ipv6,
         })
     }
@@ -78,13 +93,20 @@ impl PodNetwork {
         self.ipv6
     }
 
-    /// Starts redirecting the pod's traffic. Call once the listeners are up.
+    /// Starts redirecting the pod's traffic (unless the CNI agent does). Call once the
+    /// listeners are up.
     pub fn install(&self) -> Result<(), CaptureError> {
+        if self.rules_by == RulesBy::CniAgent {
+            return Ok(());
+        }
         PodCapture::install(&self.netns, &self.rules, &self.routes)
     }
 
     /// Stops redirecting; the pod's traffic flows uncaptured again.
     pub fn uninstall(&self) -> Result<(), CaptureError> {
+        if self.rules_by == RulesBy::CniAgent {
+            return Ok(());
+        }
         PodCapture::uninstall(&self.netns, &self.rules, &self.routes)
     }
 }

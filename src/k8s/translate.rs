@@ -168,6 +168,14 @@ pub fn namespace_is_ambient(ns: &Namespace) -> bool {
         && label(&ns.metadata.labels, DATAPLANE_MODE) == Some(AMBIENT)
 }
 
+/// Whether a pod is in the mesh, given whether its namespace is: the one admission rule, for
+/// the Kubernetes source and for weft-cni's capture before the pod starts.
+pub fn pod_is_ambient(pod: &Pod, namespace_ambient: bool) -> bool {
+    namespace_ambient
+        && label(&pod.metadata.labels, DATAPLANE_MODE) != Some(OPT_OUT)
+        && pod.spec.as_ref().and_then(|s| s.host_network) != Some(true)
+}
+
 fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
     labels.as_ref()?.get(key).map(String::as_str)
 }
@@ -207,8 +215,10 @@ pub fn pod_workload(
     if ips.is_empty() {
         return None;
     }
-    let in_mesh = ambient.get(namespace.as_str()).copied().unwrap_or(false)
-        && label(&meta.labels, DATAPLANE_MODE) != Some(OPT_OUT);
+    let in_mesh = pod_is_ambient(
+        pod,
+        ambient.get(namespace.as_str()).copied().unwrap_or(false),
+    );
     let labels = meta.labels.clone().unwrap_or_default();
     let workload_name = owner_workload_name(pod).unwrap_or_else(|| name.clone());
     let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());

@@ -22,3 +22,8 @@ pub mod discovery {
 pub mod ca {
     tonic::include_proto!("istio.v1.auth");
 }
+
+/// `istio.workload.zds`: the CNI node agent's hand-off of pod network namespaces.
+pub mod zds {
+    tonic::include_proto!("istio.workload.zds");
+}

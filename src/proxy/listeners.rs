@@ -172,7 +172,7 @@ impl WorkloadProxy {
 
         let outbound = Arc::new(Outbound {
             ctx: ctx.clone(),
-            source_uid: workload.uid.clone(),
+            source: Arc::new(workload.clone()),
             factory: factory.clone(),
         });
         for addr in &listen.outbound {

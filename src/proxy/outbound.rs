@@ -24,7 +24,9 @@ use crate::state::Workload;
 /// The outbound side of one workload.
 pub struct Outbound {
     pub ctx: Arc<ProxyContext>,
-    pub source_uid: String,
+    /// The workload as it was enrolled: it stands in while the control plane does not know it
+    /// (a pod handed over by the CNI layer before its first update arrives).
+    pub source: Arc<Workload>,
     pub factory: Arc<dyn SocketFactory>,
 }
 
@@ -54,6 +56,19 @@ struct Established {
 }
 
 impl Outbound {
+    /// The enrolled workload, for a pod the control plane does not know yet. Without an
+    /// address of its own from the hand-off, the pod's address is the one its connection came
+    /// from (redirection keeps the source).
+    fn stand_in(&self, client: SocketAddr) -> Arc<Workload> {
+        if !self.source.workload_ips.is_empty() || client.ip().is_loopback() {
+            return self.source.clone();
+        }
+        Arc::new(Workload {
+            workload_ips: vec![client.ip()],
+            ..(*self.source).clone()
+        })
+    }
+
     pub async fn handle(self: Arc<Self>, client: TcpStream, original_dst: SocketAddr) {
         // Setting up holds far more state than relaying (routing, the pool, the tunnel
         // handshake); boxed, that state is freed once the connection is established, so a
@@ -83,9 +98,9 @@ impl Outbound {
     async fn establish(&self, client: TcpStream, original_dst: SocketAddr) -> Option<Established> {
         let client_addr = client.peer_addr().ok()?;
         let snap = self.ctx.state.snapshot();
-        let Some(source) = snap.workload_by_uid(&self.source_uid).cloned() else {
-            debug!(uid = %self.source_uid, "source workload is gone; dropping connection");
-            return None;
+        let source = match snap.workload_by_uid(&self.source.uid) {
+            Some(w) => w.clone(),
+            None => self.stand_in(client_addr),
         };
         let route = decide(
             &snap,

@@ -282,7 +282,10 @@ async fn handle(
                     Decoded::Address(Translated::Workload(w, eps)) => {
                         let uid = w.uid.clone();
                         memory.unresolved.remove(&uid);
-                        if w.protocol == Protocol::HBONE && w.node == settings.node_name {
+                        if settings.find_netns
+                            && w.protocol == Protocol::HBONE
+                            && w.node == settings.node_name
+                        {
                             local.push((*w, eps));
                         } else {
                             delta.upsert_workloads.push((*w, eps));

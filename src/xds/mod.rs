@@ -55,4 +55,7 @@ pub struct XdsSettings {
     pub defaults: translate::Defaults,
     /// Workloads of this node that speak HBONE are captured by this weft.
     pub node_name: String,
+    /// Look for local pods' network namespaces in `/proc`. Off when the CNI layer (istio-cni
+    /// over ZDS) hands them over: then a pod is captured only once it is handed.
+    pub find_netns: bool,
 }
