@@ -162,6 +162,16 @@ async fn weft_cni_captures_before_the_pod_starts_and_releases_on_del() {
     assert_eq!(open.stdout, plugin.prev_result());
     assert!(open.stderr.contains("failing open"), "{}", open.stderr);
     assert!(lab.ruleset("a1").is_none());
+    // Pods of excluded namespaces (weft's own) start without asking weft.
+    let mut excluded = plugin.conf();
+    excluded["excludeNamespaces"] = json!(["weft-system", "shop"]);
+    let skip = plugin.run("ADD", excluded.to_string().as_bytes());
+    assert_eq!(skip.code, 0, "{} {}", skip.stdout, skip.stderr);
+    assert_eq!(skip.stdout, plugin.prev_result());
+    // STATUS stays ready while weft is away (so weft's own pod can start), and says why.
+    let status = plugin.call("STATUS");
+    assert_eq!(status.code, 0);
+    assert!(status.stderr.contains("not reachable"), "{}", status.stderr);
 
     let a = start_cni_node(&cfg, &cni).await;
     let _b = start_node("b", &cfg).await;

@@ -67,6 +67,10 @@ pub struct InstallOptions {
     /// runtime uses, the lexicographically first *.conf, *.conflist or *.json].
     #[arg(long, env = "WEFT_CNI_CONF_FILE")]
     pub conf_file: Option<String>,
+    /// Namespaces whose pods the plugin lets start without asking weft (comma-separated):
+    /// weft's own namespace belongs here, or weft's pod could never start where weft is down.
+    #[arg(long, env = "WEFT_CNI_EXCLUDE_NAMESPACES", value_delimiter = ',')]
+    pub exclude_namespaces: Vec<String>,
     /// How long to wait for the primary network plugin's configuration to appear (0: not at all).
     #[arg(long, env = "WEFT_CNI_WAIT_SECONDS", default_value_t = 300)]
     pub wait_seconds: u64,
@@ -82,6 +86,7 @@ impl InstallOptions {
             socket: DEFAULT_SOCKET.into(),
             fail_open: false,
             conf_file: None,
+            exclude_namespaces: Vec::new(),
             wait_seconds: 300,
         }
     }
@@ -134,8 +139,19 @@ impl Entry {
         if !opts.socket.is_absolute() {
             bail!("--socket {socket}: must be an absolute path (the plugin runs on the node)");
         }
+        let excluded: Vec<&str> = opts
+            .exclude_namespaces
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let exclude = if excluded.is_empty() {
+            String::new()
+        } else {
+            format!(", \"excludeNamespaces\": {}", Value::from(excluded))
+        };
         let text = format!(
-            "{{\"type\": \"{PLUGIN_TYPE}\", \"socket\": {}, \"failOpen\": {}}}",
+            "{{\"type\": \"{PLUGIN_TYPE}\", \"socket\": {}, \"failOpen\": {}{exclude}}}",
             Value::from(socket),
             opts.fail_open
         );

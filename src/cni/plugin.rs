@@ -38,7 +38,6 @@ pub mod code {
     pub const DECODE_FAILED: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
-    pub const NOT_AVAILABLE: u32 = 50;
     /// weft answered and refused to capture the pod.
     pub const REFUSED: u32 = 100;
 }
@@ -72,6 +71,10 @@ struct NetConf {
     socket: Option<PathBuf>,
     #[serde(default)]
     fail_open: bool,
+    /// Pods of these namespaces start without weft being asked (weft's own, so that weft can
+    /// start on a node where it is not running yet).
+    #[serde(default)]
+    exclude_namespaces: Vec<String>,
     #[serde(default)]
     prev_result: Option<Value>,
 }
@@ -131,7 +134,7 @@ pub fn run(inv: &Invocation) -> Outcome {
         "ADD" => add(&conf, &inv.env, &mut log),
         "DEL" => del(&conf, &inv.env, &mut log).map(|()| None),
         "CHECK" => check(&conf, &inv.env).map(|()| None),
-        "STATUS" => status(&conf).map(|()| None),
+        "STATUS" => status(&conf, &mut log).map(|()| None),
         // Nothing of weft's lives beyond a pod's namespace on disk that GC could collect.
         "GC" => Ok(None),
         other => Err(CniError::new(
@@ -194,6 +197,9 @@ fn request(
     let (Some(ns), Some(name)) = (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) else {
         return Ok(None);
     };
+    if conf.exclude_namespaces.iter().any(|n| n == ns) {
+        return Ok(None);
+    }
     let netns = env.get("CNI_NETNS").filter(|n| !n.is_empty()).cloned();
     Ok(Some(CaptureRequest {
         command,
@@ -311,15 +317,18 @@ fn check(conf: &NetConf, env: &HashMap<String, String>) -> Result<(), CniError> 
     }
 }
 
-fn status(conf: &NetConf) -> Result<(), CniError> {
+/// STATUS reports the plugin ready even while weft is away: a failing STATUS marks the whole
+/// node's network not ready, and then weft's own pod could not start to fix it. Pods of the
+/// mesh still fail closed at ADD; the log line says weft is away.
+fn status(conf: &NetConf, log: &mut Vec<String>) -> Result<(), CniError> {
     let path = socket(conf);
-    UnixStream::connect(&path).map(drop).map_err(|e| {
-        CniError::new(
-            code::NOT_AVAILABLE,
-            "weft is not running on this node",
-            format!("{}: {e}", path.display()),
-        )
-    })
+    if let Err(e) = UnixStream::connect(&path) {
+        log.push(format!(
+            "weft-cni: weft is not reachable at {}: {e}; mesh pods will not start until it is",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// One request to weft, one reply.
