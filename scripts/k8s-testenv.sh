@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # k8s-testenv.sh — a real control plane on this machine for weft's tests: etcd,
-# kube-apiserver and istiod, all on loopback.
+# kube-apiserver and istiod on loopback, istio-cni's node agent in a test's network namespace.
 #
 #   scripts/k8s-testenv.sh install          build/cache every binary (idempotent), print name=path
 #   scripts/k8s-testenv.sh paths            print the same name=path lines without building
 #   scripts/k8s-testenv.sh start DIR        start etcd + kube-apiserver, state in DIR
 #   scripts/k8s-testenv.sh istiod DIR       start istiod against the API server of DIR
 #   scripts/k8s-testenv.sh istiod-stop DIR  stop istiod (its ports and CA stay for the next start)
-#   scripts/k8s-testenv.sh stop DIR         stop everything `start`/`istiod` started, wipe DIR
+#   scripts/k8s-testenv.sh istio-cni DIR NETNS NODE  start istio-cni's node agent (ambient) for
+#                                           node NODE inside network namespace NETNS
+#   scripts/k8s-testenv.sh istio-cni-stop DIR NODE   stop that node agent (its ports stay)
+#   scripts/k8s-testenv.sh stop DIR         stop everything `start`/`istiod`/`istio-cni` started, wipe DIR
 #   scripts/k8s-testenv.sh status DIR       exit 0 when the API server in DIR is ready
 #
 # Where the binaries come from (one way only, everything under
@@ -33,8 +36,12 @@
 #   * istiod (pilot-discovery) and istioctl from the module
 #     istio.io/istio@v0.0.0-20260827124520-eed52ebb66ad (Istio 1.31 development), built
 #     in a writable copy of the module (in the cache) as the main module, with Istio's
-#     go.mod and go.sum and its standard build tags, in one `go build`. build_istio takes
-#     package paths: istio-cni's node agent (./cni/cmd/istio-cni) can be added there.
+#     go.mod and go.sum and its standard build tags, in one `go build`.
+#   * istio-cni's node agent (install-cni: the installer and, with ambient on, the node agent
+#     with the ZDS server) and its CNI plugin (istio-cni), from the same copy of the module,
+#     with Istio's AGENT_TAGS (agent,disable_pgv,grpcnotrace,retrynotrace), in a second
+#     `go build` sharing GOCACHE: 37 s on top of a cache that had built istiod (idle
+#     machine), 11 s when only its stamp changed (link steps).
 # All builds: CGO_ENABLED=0, -trimpath, -ldflags "-s -w" plus the version variables, -p 2.
 # Wall times of `install` on a 2-core machine of this workplace (measured while another
 # cargo build shared the cores, load 5-9; an idle machine is faster):
@@ -73,6 +80,44 @@
 # The CA is istiod's self-signed one, kept in Secret istio-system/istio-ca-secret, so
 # `istiod-stop DIR` then `istiod DIR` restarts it on the same ports with the same root.
 #
+# `istio-cni DIR NETNS NODE` (after `start DIR`) runs the real istio-cni node agent, ambient
+# mode, as the istio-cni chart's DaemonSet pod would on node NODE, but out of cluster:
+#   * network: inside network namespace NETNS (e.g. a lab node, PREFIX-na), never the root
+#     one: the agent writes its host rules (probe SNAT: iptables nat ISTIO_POSTRT, or nftables
+#     table inet istio-ambient-nat) and its probe address set there. The API server on the
+#     root netns' loopback is reached through a forwarder (python3) listening on
+#     127.0.0.1:PORT inside NETNS (PORT: the API server's own when free there).
+#   * files: in a mount namespace of its own, chrooted into a new root that mirrors / and adds
+#     the DaemonSet's mounts at the fixed paths the agent uses (/host/proc, /host/run/netns,
+#     /host/opt/cni/bin, /host/etc/cni/net.d, /opt/cni/bin, the service account directory);
+#     see _istio-cni-exec. Nothing is mounted or created outside DIR.
+#   * Kubernetes: in-cluster config (KUBERNETES_SERVICE_HOST/PORT + service account token,
+#     the admin's); watches Pods with spec.nodeName=NODE and all Namespaces.
+#   * chart defaults (ambient profile) except: DNS capture off, race repair off, sockets and
+#     directories under DIR, free ports, FORCE_IPTABLES_BINARY=nft, and no
+#     ALLOW_SWITCH_TO_HOST_NS (which would point its host rules at PID 1's root netns).
+#   * the installer chains istio-cni into DIR/istio-cni-NODE/net.d/10-weft-lab.conflist
+#     (a primary network written here, never executed) and copies the plugin to .../bin.
+# It returns once /readyz (127.0.0.1:8000 in NETNS) answers 200 and the plugin is installed.
+# A ztunnel (weft) then connects to the ZDS socket; a test plays the container runtime by
+# running the plugin (CNI_COMMAND=ADD, in NETNS, the istio-cni entry of the conflist with
+# name, cniVersion and a prevResult on stdin); the agent writes the in-pod rules and sends
+# AddWorkload with the pod's netns fd over ZDS, and the plugin returns once it is acked.
+# It writes:
+#   DIR/istio-cni-NODE.env   WEFT_ISTIO_CNI_NODE, WEFT_ISTIO_CNI_NETNS,
+#                            WEFT_ISTIO_CNI_ZDS_SOCKET (ztunnel's /var/run/ztunnel/ztunnel.sock),
+#                            WEFT_ISTIO_CNI_PLUGIN (the installed plugin), WEFT_ISTIO_CNI_PATH
+#                            (CNI_PATH), WEFT_ISTIO_CNI_CONF (the conflist), WEFT_ISTIO_CNI_RUN_DIR
+#                            (pluginevent.sock, log.sock, the plugin's kubeconfig),
+#                            WEFT_ISTIO_CNI_BACKEND, WEFT_ISTIO_CNI_APISERVER (as seen in NETNS),
+#                            WEFT_ISTIO_CNI_READY_ADDR, WEFT_ISTIO_CNI_MONITORING_ADDR (in NETNS),
+#                            WEFT_ISTIO_CNI_LOG, WEFT_ISTIO_CNI_PID, WEFT_ISTIO_CNI_FORWARDER_PID
+#   DIR/istio-cni-NODE/      agent.log (all starts appended), ports, pid files, the state above
+# `istio-cni-stop DIR NODE` sends SIGTERM: with no DaemonSet istio-system/istio-cni-node the
+# agent takes it for an uninstall and removes the plugin from the conflist, the plugin binary
+# and kubeconfig, its host rules and address set (in-pod rules stay); a later `istio-cni`
+# restarts it on the same ports and socket paths.
+#
 # Environment knobs:
 #   WEFT_CACHE                 cache root (default $HOME/.cache/weft)
 #   WEFT_GO                    the go command (default: go on PATH, else /usr/local/go/bin/go)
@@ -84,11 +129,16 @@
 #   WEFT_ISTIOD_LOG_LEVEL      istiod's --log_output_level (default default:info)
 #   WEFT_APISERVER_EXTRA_ARGS  extra kube-apiserver flags (word-split)
 #   WEFT_ISTIOD_EXTRA_ARGS     extra pilot-discovery flags (word-split)
+#   WEFT_ISTIO_CNI_BACKEND     iptables (the chart's default) or nftables (NATIVE_NFTABLES=true;
+#                              a "kubelet" stand-in process then runs in NETNS,
+#                              see cmd_istio_cni)
+#   WEFT_ISTIO_CNI_LOG_LEVEL   the agent's --log_output_level (default default:info)
+#   WEFT_ISTIO_CNI_TIMEOUT     seconds to wait for the agent to be ready (default 60)
 set -euo pipefail
 
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -102,12 +152,15 @@ readonly K8S_VERSION="v1.34.4"
 readonly ISTIO_VERSION="v0.0.0-20260827124520-eed52ebb66ad"
 readonly ISTIO_RELEASE="1.31-dev"     # Istio's VERSION file at that commit says 1.31
 readonly ISTIO_TAGS="vtprotobuf,disable_pgv" # Istio's STANDARD_TAGS (Makefile.core.mk)
+readonly ISTIO_AGENT_TAGS="agent,disable_pgv,grpcnotrace,retrynotrace" # its AGENT_TAGS
 
 readonly ETCD_BIN="$BIN_DIR/etcd"
 readonly KUBECTL_BIN="$BIN_DIR/kubectl"
 readonly APISERVER_BIN="$BIN_DIR/kube-apiserver"
 readonly PILOT_BIN="$BIN_DIR/pilot-discovery"
 readonly ISTIOCTL_BIN="$BIN_DIR/istioctl"
+readonly INSTALL_CNI_BIN="$BIN_DIR/install-cni"  # istio-cni's node agent (and installer)
+readonly CNI_PLUGIN_BIN="$BIN_DIR/istio-cni"     # the CNI plugin the runtime executes
 readonly SERVICE_CIDR="10.250.128.0/20"
 
 log() { printf '%s: %s\n' "$SELF" "$*" >&2; }
@@ -319,9 +372,8 @@ istio_ldflags() {
 
 # Builds Istio commands, given as package paths inside the module (./pilot/cmd/pilot-discovery),
 # in one go build (shared packages compile once), with build tags $ISTIO_BUILD_TAGS_OVERRIDE or
-# Istio's standard tags, into $BIN_DIR. The hook for the istio-cni node agent later:
-#   build_istio "$stamp" ./cni/cmd/istio-cni   (Istio builds it with its AGENT_TAGS:
-#   ISTIO_BUILD_TAGS_OVERRIDE=agent,disable_pgv,grpcnotrace,retrynotrace)
+# Istio's standard tags, into $BIN_DIR. istio-cni's binaries use Istio's AGENT_TAGS (its
+# Makefile.core.mk builds CNI_BINARIES with them).
 build_istio() {
   local stamp="$1"
   shift
@@ -330,7 +382,7 @@ build_istio() {
   out="$dir/out"
   rm -rf "$out"
   BUILD_TAGS=("-tags=${ISTIO_BUILD_TAGS_OVERRIDE:-$ISTIO_TAGS}")
-  go_build "$dir" "$out" "$(istio_ldflags)" istio "$@"
+  go_build "$dir" "$out" "$(istio_ldflags)" "${ISTIO_BUILD_NAME:-istio}" "$@"
   for p in "$@"; do
     install -m 0755 "$out/$(basename "$p")" "$BIN_DIR/$(basename "$p")"
     printf '%s\n' "$stamp $(basename "$p") tags=${BUILD_TAGS[0]#-tags=}" >"$BIN_DIR/$(basename "$p").stamp"
@@ -366,6 +418,13 @@ cmd_install() {
   else
     build_istio "$istio_stamp" ./pilot/cmd/pilot-discovery ./istioctl/cmd/istioctl
   fi
+  if stamp_ok "$INSTALL_CNI_BIN" "$istio_stamp install-cni tags=$ISTIO_AGENT_TAGS" &&
+    stamp_ok "$CNI_PLUGIN_BIN" "$istio_stamp istio-cni tags=$ISTIO_AGENT_TAGS"; then
+    log "install-cni, istio-cni: cached"
+  else
+    ISTIO_BUILD_TAGS_OVERRIDE="$ISTIO_AGENT_TAGS" ISTIO_BUILD_NAME=istio-cni \
+      build_istio "$istio_stamp" ./cni/cmd/install-cni ./cni/cmd/istio-cni
+  fi
   log "install done in $((SECONDS - t0)) s"
   flock -u 9
   cmd_paths
@@ -377,6 +436,8 @@ cmd_paths() {
   echo "kubectl=$KUBECTL_BIN"
   echo "pilot-discovery=$PILOT_BIN"
   echo "istioctl=$ISTIOCTL_BIN"
+  echo "install-cni=$INSTALL_CNI_BIN"
+  echo "istio-cni=$CNI_PLUGIN_BIN"
 }
 
 # ---------------------------------------------------------------------------
@@ -640,6 +701,13 @@ cmd_stop() {
     return 0
   fi
   dir="$(cd "$dir" && pwd -P)"
+  local st
+  for st in "$dir"/istio-cni-*/; do
+    [[ -d $st ]] || continue
+    st="${st%/}"
+    stop_istio_cni "$dir" "${st##*/istio-cni-}"
+    remove_istio_cni_state "$st"
+  done
   stop_pid "$(read_pid "$dir/istiod.pid")" "$PILOT_BIN" istiod
   stop_pid "$(read_pid "$dir/kube-apiserver.pid")" "$APISERVER_BIN" kube-apiserver
   stop_pid "$(read_pid "$dir/etcd.pid")" "$ETCD_BIN" etcd
@@ -933,6 +1001,499 @@ cmd_istiod_stop() {
   rm -f "$dir/istiod.pid" "$dir/istiod.env"
 }
 
+# ---------------------------------------------------------------------------
+# istio-cni (the node agent, ambient mode)
+# ---------------------------------------------------------------------------
+
+SCRIPT_PATH="$(readlink -f "${BASH_SOURCE[0]}")"
+readonly SCRIPT_PATH
+# Istio's default ambient enablement (istio-cni chart values.yaml, ambient.enablementSelectors):
+# a pod labelled istio.io/dataplane-mode=ambient, or any pod not labelled
+# istio.io/dataplane-mode=none in a namespace labelled istio.io/dataplane-mode=ambient.
+readonly AMBIENT_SELECTOR='[{"podSelector":{"matchLabels":{"istio.io/dataplane-mode":"ambient"}}},{"podSelector":{"matchExpressions":[{"key":"istio.io/dataplane-mode","operator":"NotIn","values":["none"]}]},"namespaceSelector":{"matchLabels":{"istio.io/dataplane-mode":"ambient"}}}]'
+# Debian's python3 (a python3 first on PATH may be a wrapper such as pyenv's shim, whose pid is
+# not the interpreter's).
+readonly SYSTEM_PYTHON=/usr/bin/python3
+readonly CNI_READY_PORT=8000 # the agent's /readyz: constants.ReadinessPort, not configurable
+
+# The API server's TCP port as a listener inside another network namespace: listens on
+# 127.0.0.1:PORT in the namespace at path $1 (the socket is created there after setns), and
+# connects each accepted connection to $3:$4 from the namespace it started in (setns back before
+# any other thread runs). TLS passes through untouched: the API server's certificate names
+# 127.0.0.1. Prints "ready" once listening.
+forwarder_py() {
+  cat <<'PY'
+import ctypes, os, socket, sys, threading
+CLONE_NEWNET = 0x40000000
+libc = ctypes.CDLL(None, use_errno=True)
+def setns(fd):
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+netns, port, host, hport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+home = os.open("/proc/self/ns/net", os.O_RDONLY)
+there = os.open(netns, os.O_RDONLY)
+setns(there)
+lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lsock.bind(("127.0.0.1", port))
+lsock.listen(128)
+setns(home)
+os.close(there)
+def pump(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+def serve(client):
+    try:
+        upstream = socket.create_connection((host, hport), timeout=10)
+        upstream.settimeout(None)
+    except OSError:
+        client.close()
+        return
+    back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+    back.start()
+    pump(client, upstream)
+    back.join()
+    client.close()
+    upstream.close()
+print("ready", flush=True)
+while True:
+    conn, _ = lsock.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+PY
+}
+
+# true if something listens on TCP port $2 inside network namespace $1.
+ns_port_listened() {
+  local hex
+  hex="$(printf '%04X' "$2")"
+  ip netns exec "$1" awk -v p=":$hex" \
+    'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' \
+    /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# A free port inside network namespace $1 that is not in ${@:2}.
+ns_free_port() {
+  local ns="$1" p i x taken
+  shift
+  for ((i = 0; i < 200; i++)); do
+    p=$((20000 + (RANDOM * 32768 + RANDOM) % 12768))
+    taken=0
+    for x in "$@"; do [[ $x == "$p" ]] && taken=1; done
+    ((taken)) && continue
+    ns_port_listened "$ns" "$p" || { echo "$p"; return 0; }
+  done
+  die "no free TCP port found in network namespace $ns"
+}
+
+# pid $1 alive and running $2. A process chrooted in a mount namespace of its own shows
+# /proc/PID/exe as a path of that namespace, so its command line is compared too.
+pid_runs() {
+  local pid="$1" exe="$2" argv0
+  pid_is "$pid" "$exe" && return 0
+  [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/cmdline ]] || return 1
+  argv0="$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n1)"
+  [[ $argv0 == "$exe" ]]
+}
+
+istio_cni_ready() {
+  local ns="$1" code
+  code="$(ip netns exec "$ns" curl -s -o /dev/null -w '%{http_code}' --max-time 2 \
+    "http://127.0.0.1:$CNI_READY_PORT/readyz" 2>/dev/null || true)"
+  [[ $code == 200 ]]
+}
+
+# Mirrors directory $1 into directory $2 (on the new root's tmpfs): each entry of $1 is
+# bind-mounted there (directories recursively, with their submounts) or copied (symbolic
+# links), except entries named in $3... (paths relative to $1): an entry that is one of them is
+# left out (the caller mounts it), an entry on the way to one of them becomes a plain
+# directory mirrored the same way. Nothing is created outside $2.
+mirror_dir() {
+  local src="$1" dst="$2" e name n target on_way
+  shift 2
+  for e in "$src"/* "$src"/.[!.]* "$src"/..?*; do
+    [[ -e $e || -L $e ]] || continue
+    name="${e##*/}"
+    target=0 on_way=0
+    local sub=()
+    for n in "$@"; do
+      if [[ $n == "$name" ]]; then
+        target=1
+      elif [[ $n == "$name"/* ]]; then
+        on_way=1
+        sub+=("${n#"$name"/}")
+      fi
+    done
+    ((target)) && continue
+    if ((on_way)); then
+      [[ -d $e && ! -L $e ]] || die "cannot mirror $e: it is on the way to ${sub[*]} but not a directory"
+      mkdir "$dst/$name"
+      mirror_dir "$e" "$dst/$name" "${sub[@]}"
+    elif [[ -L $e ]]; then
+      cp -P "$e" "$dst/$name"
+    elif [[ -d $e ]]; then
+      mkdir "$dst/$name"
+      mount --rbind "$e" "$dst/$name"
+    else
+      touch "$dst/$name"
+      mount --bind "$e" "$dst/$name"
+    fi
+  done
+}
+
+# `_istio-cni-exec STATE HOST_MNT_NS`: the last step of `istio-cni`, run by it inside the node's
+# network namespace (ip netns exec) and a mount namespace of its own (unshare --mount
+# --propagation slave: nothing mounted here is seen outside, and it all goes away with the
+# agent). Builds the file system the istio-cni DaemonSet's container sees (its hostPath mounts
+# at fixed paths the agent does not let one configure) as a new root on a tmpfs, then chroots
+# into it and execs the agent:
+#   everything of /          bind-mounted at the same path (so every path of the test, its
+#                            sockets and directories, means the same inside and outside)
+#   /host/proc               /proc (procfs: the agent finds pods' netns in /host/proc/PID/ns/net),
+#                            with /host/proc/1/ns/net showing the node's netns (see below)
+#   /host/run/netns, /host/var/run/netns   /run/netns (the agent opens /host + CNI_NETNS)
+#   /host/opt/cni/bin        STATE/bin (the installer copies the plugin there)
+#   /host/etc/cni/net.d      STATE/net.d (the installer chains istio-cni into the conflist there)
+#   /opt/cni/bin/istio-cni   the cached plugin binary (what the image ships, copied by the installer)
+#   /var/run/secrets/kubernetes.io/serviceaccount   STATE/serviceaccount (token, ca.crt,
+#                            namespace: in-cluster API access, and what the installer writes
+#                            into the plugin's kubeconfig)
+cmd_istio_cni_exec() {
+  local state="$1" host_mnt="$2" host_net="$3"
+  [[ -n $state && -n $host_mnt && -n $host_net && -f $state/agent.env ]] || die "_istio-cni-exec: bad arguments"
+  # Refuse to mount anything in the caller's mount namespace or to run in its netns.
+  [[ "$(readlink /proc/self/ns/mnt)" != "$host_mnt" ]] || die "_istio-cni-exec: not in a mount namespace of its own"
+  [[ "$(readlink /proc/self/ns/net)" != "$host_net" ]] ||
+    die "_istio-cni-exec: refusing to run the node agent in the caller's network namespace"
+  local root="$state/root"
+  mount -t tmpfs -o mode=0755 weft-istio-cni "$root"
+  # The top-level directory holding STATE first: its copy then holds the new root as the
+  # empty tmpfs it is now, not copies of everything mounted below it later.
+  local top="${state#/}"
+  top="${top%%/*}"
+  local run sa
+  run="$(readlink -f /var/run)"
+  sa="${run#/}/secrets/kubernetes.io/serviceaccount"
+  [[ $top != "${sa%%/*}" && $top != opt && $top != host ]] ||
+    die "the state directory $state must not be under /${sa%%/*}, /opt or /host"
+  mkdir "$root/$top"
+  mount --rbind "/$top" "$root/$top"
+  mirror_dir / "$root" "$top" host opt/cni/bin "$sa"
+  mkdir -p "$root/opt/cni/bin" "$root/$sa" "$root/host/proc" "$root/host/run/netns" \
+    "$root/host/var/run/netns" "$root/host/opt/cni/bin" "$root/host/etc/cni/net.d"
+  touch "$root/opt/cni/bin/istio-cni"
+  mount --bind "$CNI_PLUGIN_BIN" "$root/opt/cni/bin/istio-cni"
+  mount --bind "$state/serviceaccount" "$root/$sa"
+  mount --rbind /proc "$root/host/proc"
+  # The agent takes /host/proc/1/ns/net for the host's netns (it never enrolls a pod found
+  # there). PID 1 is in the machine's root netns (and its ns links may not even be readable,
+  # as in some sandboxes): here the host is the node's netns, so that is what it shows.
+  mount -t tmpfs -o mode=0755 weft-host-ns "$root/host/proc/1/ns"
+  touch "$root/host/proc/1/ns/net"
+  mount --bind /proc/self/ns/net "$root/host/proc/1/ns/net"
+  mount --rbind /run/netns "$root/host/run/netns"
+  mount --rbind /run/netns "$root/host/var/run/netns"
+  mount --bind "$state/bin" "$root/host/opt/cni/bin"
+  mount --bind "$state/net.d" "$root/host/etc/cni/net.d"
+  local envs=() args=() line
+  while IFS= read -r line; do envs+=("$line"); done <"$state/agent.env"
+  while IFS= read -r line; do args+=("$line"); done <"$state/agent.args"
+  echo "---- install-cni start $(date -u +%Y-%m-%dT%H:%M:%SZ) (pid $$, netns $(readlink /proc/self/ns/net))"
+  exec chroot "$root" /usr/bin/env -i "${envs[@]}" "$INSTALL_CNI_BIN" "${args[@]}"
+}
+
+valid_node_name() { [[ $1 =~ ^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$ ]]; }
+
+# Stops the agent of node $2 in environment directory $1 (and its API server forwarder).
+stop_istio_cni() {
+  local dir="$1" node="$2" state="$1/istio-cni-$2"
+  stop_pid_runs "$(read_pid "$state/agent.pid")" "$INSTALL_CNI_BIN" "istio-cni node agent ($node)"
+  stop_pid_runs "$(read_pid "$state/forwarder.pid")" "$(readlink -f "$SYSTEM_PYTHON")" \
+    "API server forwarder ($node)"
+  stop_pid_runs "$(read_pid "$state/kubelet.pid")" "$state/kubelet" "kubelet stand-in ($node)"
+  rm -f "$state/agent.pid" "$state/forwarder.pid" "$state/kubelet.pid" "$dir/istio-cni-$node.env"
+}
+
+# Removes an agent's state directory $1 (after stop_istio_cni). Its root/ was the agent's new
+# root only inside the agent's own mount namespace: here it must be an empty directory, and
+# nothing is deleted if it is not.
+remove_istio_cni_state() {
+  local st="$1"
+  if [[ -d $st/root ]]; then
+    mountpoint -q "$st/root" && die "$st/root is a mount point here: not removing $st"
+    rmdir "$st/root" || die "$st/root is not empty: not removing $st"
+  fi
+  rm -rf "$st"
+}
+
+# stop_pid for a process identified by pid_runs.
+stop_pid_runs() {
+  local pid="$1" exe="$2" name="$3" i
+  if ! pid_runs "$pid" "$exe"; then
+    [[ -n $pid ]] && log "$name (pid $pid) is not running"
+    return 0
+  fi
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 200; i++)); do
+    pid_runs "$pid" "$exe" || { log "stopped $name (pid $pid)"; return 0; }
+    sleep 0.1
+  done
+  log "$name (pid $pid) ignored SIGTERM for 20 s: SIGKILL"
+  kill -KILL "$pid" 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do
+    pid_runs "$pid" "$exe" || return 0
+    sleep 0.1
+  done
+  die "$name (pid $pid) is still running"
+}
+
+cmd_istio_cni() {
+  local dir netns="${2:-}" node="${3:-}"
+  dir="$(existing_dir "${1:-}")"
+  [[ -n $netns && -n $node ]] || usage
+  valid_node_name "$node" || die "NODE_NAME '$node' is not a valid Kubernetes node name"
+  [[ -x $INSTALL_CNI_BIN && -x $CNI_PLUGIN_BIN ]] || die "$INSTALL_CNI_BIN or $CNI_PLUGIN_BIN missing: run '$0 install' first"
+  is_ready "$dir" || die "no ready kube-apiserver in $dir: run '$0 start $dir' first"
+  local nspath="/run/netns/$netns"
+  [[ -e $nspath ]] || die "no network namespace $netns ($nspath)"
+  # Never the root network namespace: the agent writes host rules into the one it runs in.
+  # (PID 1's namespace may not be readable here: then ours, which a test treats as the root.)
+  local ino
+  ino="$(stat -L -c %i "$nspath")"
+  [[ $ino != "$(stat -L -c %i /proc/self/ns/net)" && $ino != "$(stat -L -c %i /proc/1/ns/net 2>/dev/null)" ]] ||
+    die "$netns is the root network namespace: the node agent must run in a namespace of its own"
+  local need=()
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  [[ -x $SYSTEM_PYTHON ]] || need+=(python3)
+  command -v iptables >/dev/null 2>&1 || need+=(iptables)
+  command -v nft >/dev/null 2>&1 || need+=(nftables)
+  command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+  ((${#need[@]} == 0)) || apt_get install -y --no-install-recommends "${need[@]}"
+
+  local state="$dir/istio-cni-$node"
+  local pid
+  pid="$(read_pid "$state/agent.pid")"
+  if pid_runs "$pid" "$INSTALL_CNI_BIN" && [[ -f $dir/istio-cni-$node.env ]] && istio_cni_ready "$netns"; then
+    log "istio-cni node agent for $node already running (pid $pid)"
+    cat "$dir/istio-cni-$node.env"
+    return 0
+  fi
+  stop_istio_cni "$dir" "$node"
+  mkdir -p "$state"/{run,bin,net.d,serviceaccount,root}
+  mountpoint -q "$state/root" && die "$state/root is a mount point in this mount namespace: refusing"
+
+  # Ports inside $netns, kept across restarts: the API server forwarder (the API server's
+  # own port number when free there), the agent's metrics and ControlZ.
+  local ports="$state/ports" aport
+  aport="$(sed -n 's#^WEFT_K8S_SERVER=https://127.0.0.1:##p' "$dir/env")"
+  [[ $aport =~ ^[0-9]+$ ]] || die "no API server port in $dir/env"
+  if [[ ! -f $ports ]]; then
+    local fport mport cport
+    if ns_port_listened "$netns" "$aport" || [[ $aport == "$CNI_READY_PORT" ]]; then
+      fport="$(ns_free_port "$netns" "$CNI_READY_PORT")"
+    else
+      fport="$aport"
+    fi
+    mport="$(ns_free_port "$netns" "$fport" "$CNI_READY_PORT")"
+    cport="$(ns_free_port "$netns" "$fport" "$mport" "$CNI_READY_PORT")"
+    printf 'apiserver=%s\nmonitoring=%s\nctrlz=%s\n' "$fport" "$mport" "$cport" >"$ports.tmp"
+    mv "$ports.tmp" "$ports"
+  fi
+  local fport mport cport p i
+  fport="$(env_get "$ports" apiserver)"
+  mport="$(env_get "$ports" monitoring)"
+  cport="$(env_get "$ports" ctrlz)"
+  for p in "$fport" "$mport" "$cport" "$CNI_READY_PORT"; do
+    for ((i = 0; i < 100; i++)); do
+      ns_port_listened "$netns" "$p" || break
+      sleep 0.1
+    done
+    ns_port_listened "$netns" "$p" && die "port $p is already in use in network namespace $netns"
+  done
+
+  # The API server, reachable from $netns as https://127.0.0.1:$fport.
+  local py
+  py="$(readlink -f "$SYSTEM_PYTHON")"
+  : >"$state/forwarder.log"
+  nohup "$py" -u -c "$(forwarder_py)" "$nspath" "$fport" 127.0.0.1 "$aport" \
+    </dev/null >>"$state/forwarder.log" 2>&1 &
+  echo $! >"$state/forwarder.pid"
+  for ((i = 0; i < 100; i++)); do
+    grep -qx ready "$state/forwarder.log" && break
+    pid_runs "$(read_pid "$state/forwarder.pid")" "$py" || break
+    sleep 0.1
+  done
+  grep -qx ready "$state/forwarder.log" || {
+    show_log "$state/forwarder.log"
+    stop_istio_cni "$dir" "$node"
+    die "the API server forwarder did not start in $netns"
+  }
+
+  # What the pod's service account mount holds: the admin token (the agent and the plugin act
+  # as the admin, as istiod does here, instead of as ServiceAccount istio-cni with the chart's
+  # ClusterRole), the API server's CA, the namespace.
+  local token
+  token="$(sed -n 's/^WEFT_K8S_TOKEN=//p' "$dir/env")"
+  (
+    umask 077
+    printf '%s' "$token" >"$state/serviceaccount/token"
+    cp "$dir/pki/ca.crt" "$state/serviceaccount/ca.crt"
+    printf '%s' "$ISTIO_NS" >"$state/serviceaccount/namespace"
+  )
+  # The node's primary CNI network, which the installer chains istio-cni into (as it does with
+  # the network of the cluster's CNI). Its own plugin is never run: the lab has already wired
+  # each pod, and a test hands the plugin that result as prevResult.
+  local conflist="$state/net.d/10-weft-lab.conflist"
+  cat >"$conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "weft-lab",
+  "plugins": [
+    {"type": "weft-lab-veth"}
+  ]
+}
+JSON
+  rm -f "$state/bin/istio-cni" "$state/run/istio-cni-kubeconfig"
+
+  # The backend: iptables (the chart's default, global.nativeNftables=false) or nftables.
+  local backend="${WEFT_ISTIO_CNI_BACKEND:-iptables}" native
+  case "$backend" in
+    iptables) native=false ;;
+    nftables) native=true ;;
+    *) die "WEFT_ISTIO_CNI_BACKEND must be iptables or nftables, not '$backend'" ;;
+  esac
+  if [[ $backend == nftables ]]; then
+    # The nftables backend SNATs the kubelet's probes by the kubelet's UID ("meta skuid"),
+    # which it finds at start-up as a process named kubelet in /host/proc (and fails without
+    # one). There is no kubelet here: a stand-in (sleep, run as "kubelet", as root like a
+    # real kubelet) in the node's netns, stopped with the agent.
+    ln -sfn "$(readlink -f "$(command -v sleep)")" "$state/kubelet"
+    nohup ip netns exec "$netns" "$state/kubelet" infinity </dev/null >/dev/null 2>&1 &
+    echo $! >"$state/kubelet.pid"
+  fi
+
+  # Environment: the istio-cni chart's ConfigMap (configmap-cni.yaml; ambient profile:
+  # ambient.enabled=true) and DaemonSet env (daemonset.yaml), then the out-of-cluster changes,
+  # each with its reason.
+  local envs=(
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    HOME=/root
+    # chart ConfigMap istio-cni-config
+    AMBIENT_ENABLED=true
+    "AMBIENT_ENABLEMENT_SELECTOR=$AMBIENT_SELECTOR"
+    AMBIENT_IPV6=true
+    AMBIENT_RECONCILE_POD_RULES_ON_STARTUP=true
+    ENABLE_AMBIENT_DETECTION_RETRY=false
+    ISTIO_OWNED_CNI_CONFIG=false
+    CHAINED_CNI_PLUGIN=true
+    EXCLUDE_NAMESPACES=kube-system
+    "NATIVE_NFTABLES=$native"
+    # chart DaemonSet env
+    "REPAIR_NODE_NAME=$node"
+    REPAIR_RUN_AS_DAEMON=true
+    REPAIR_SIDECAR_ANNOTATION=sidecar.istio.io/status
+    "NODE_NAME=$node"
+    "POD_NAME=istio-cni-node-$node"
+    "POD_NAMESPACE=$ISTIO_NS"
+    GOMAXPROCS=2
+    # what the kubelet gives every container: in-cluster API access (with the service
+    # account mount above); the installer also writes them into the plugin's kubeconfig
+    KUBERNETES_SERVICE_HOST=127.0.0.1
+    "KUBERNETES_SERVICE_PORT=$fport"
+    # Out of cluster:
+    # - weft has no DNS proxy (chart default: true);
+    AMBIENT_DNS_CAPTURE=false
+    # - no sidecar pods, so no race repair (chart default: true): it would run a second pod
+    #   controller for nothing;
+    REPAIR_ENABLED=false
+    # - sockets under STATE instead of hostPath /var/run/istio-cni and /var/run/ztunnel;
+    "CNI_AGENT_RUN_DIR=$state/run"
+    "ZTUNNEL_UDS_ADDRESS=$state/ztunnel.sock"
+    # - metrics on a free port of $netns (chart: 15014);
+    "MONITORING_PORT=$mport"
+    # - the installer's node name (else the host name);
+    "KUBERNETES_NODE_NAME=$node"
+    # - iptables-nft, Debian's iptables, always: the agent otherwise picks iptables-legacy as
+    #   soon as any legacy table exists in the namespace (even one left by its own probe);
+    FORCE_IPTABLES_BINARY=nft
+    # - NOT the chart's ALLOW_SWITCH_TO_HOST_NS=true: that makes the agent write host rules
+    #   into /host/proc/1/ns/net, the machine's root network namespace. Unset, the agent's
+    #   "host" is the namespace it runs in, $netns.
+  )
+  local args=(
+    --log_output_level "${WEFT_ISTIO_CNI_LOG_LEVEL:-default:info}"
+    --ctrlz_address 127.0.0.1
+    --ctrlz_port "$cport"
+  )
+  printf '%s\n' "${envs[@]}" >"$state/agent.env"
+  printf '%s\n' "${args[@]}" >"$state/agent.args"
+
+  local log="$state/agent.log"
+  log "starting istio-cni node agent for node $node in netns $netns (backend $backend)"
+  nohup ip netns exec "$netns" unshare --mount --propagation slave \
+    bash "$SCRIPT_PATH" _istio-cni-exec "$state" "$(readlink /proc/self/ns/mnt)" "$(readlink /proc/self/ns/net)" \
+    </dev/null >>"$log" 2>&1 &
+  pid=$!
+  echo "$pid" >"$state/agent.pid"
+
+  local timeout="${WEFT_ISTIO_CNI_TIMEOUT:-60}" t0=$SECONDS
+  until istio_cni_ready "$netns" && [[ -S $state/ztunnel.sock && -x $state/bin/istio-cni ]] &&
+    grep -q '"type": *"istio-cni"' "$conflist" 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      show_log "$log" 40
+      stop_istio_cni "$dir" "$node"
+      die "the istio-cni node agent exited during start-up (log above)"
+    fi
+    if ((SECONDS - t0 >= timeout)); then
+      show_log "$log" 40
+      stop_istio_cni "$dir" "$node"
+      die "the istio-cni node agent not ready after ${timeout}s (log above)"
+    fi
+    sleep 0.25
+  done
+  (
+    umask 077
+    cat >"$dir/istio-cni-$node.env.tmp" <<ENV
+WEFT_ISTIO_CNI_NODE=$node
+WEFT_ISTIO_CNI_NETNS=$netns
+WEFT_ISTIO_CNI_ZDS_SOCKET=$state/ztunnel.sock
+WEFT_ISTIO_CNI_PLUGIN=$state/bin/istio-cni
+WEFT_ISTIO_CNI_PATH=$state/bin
+WEFT_ISTIO_CNI_CONF=$conflist
+WEFT_ISTIO_CNI_RUN_DIR=$state/run
+WEFT_ISTIO_CNI_BACKEND=$backend
+WEFT_ISTIO_CNI_APISERVER=https://127.0.0.1:$fport
+WEFT_ISTIO_CNI_READY_ADDR=127.0.0.1:$CNI_READY_PORT
+WEFT_ISTIO_CNI_MONITORING_ADDR=127.0.0.1:$mport
+WEFT_ISTIO_CNI_LOG=$log
+WEFT_ISTIO_CNI_PID=$pid
+WEFT_ISTIO_CNI_FORWARDER_PID=$(read_pid "$state/forwarder.pid")
+ENV
+    mv "$dir/istio-cni-$node.env.tmp" "$dir/istio-cni-$node.env"
+  )
+  log "istio-cni node agent for $node ready after $((SECONDS - t0)) s (pid $pid)"
+  cat "$dir/istio-cni-$node.env"
+}
+
+cmd_istio_cni_stop() {
+  local dir node="${2:-}"
+  dir="$(existing_dir "${1:-}")"
+  [[ -n $node ]] || usage
+  valid_node_name "$node" || die "NODE_NAME '$node' is not a valid Kubernetes node name"
+  stop_istio_cni "$dir" "$node"
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start "${2:-}" ;;
@@ -940,6 +1501,9 @@ case "${1:-}" in
   status) cmd_status "${2:-}" ;;
   istiod) cmd_istiod "${2:-}" ;;
   istiod-stop) cmd_istiod_stop "${2:-}" ;;
+  istio-cni) cmd_istio_cni "${2:-}" "${3:-}" "${4:-}" ;;
+  istio-cni-stop) cmd_istio_cni_stop "${2:-}" "${3:-}" ;;
+  _istio-cni-exec) cmd_istio_cni_exec "${2:-}" "${3:-}" "${4:-}" ;;
   paths) cmd_paths ;;
   *) usage ;;
 esac

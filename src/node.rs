@@ -117,6 +117,7 @@ impl Node {
                 settings.node_name.clone(),
                 state.clone(),
                 readiness.clone(),
+                sources.zds.is_none(),
             ));
         }
 
@@ -188,7 +189,7 @@ impl Node {
 
         let captured = {
             let enroller = enroller.clone();
-            Arc::new(move || serde_json::to_value(enroller.summaries()).unwrap_or_default())
+            Arc::new(move || enroller.summaries())
         };
         let admin_state = Arc::new(AdminState {
             state,

@@ -3,6 +3,7 @@
 //! their endpoints), policies (rules as nested lists of matches) and certificates, and a
 //! `workloadState` map of the pods this node proxies. weft's own extras sit under `weft`.
 
+use crate::capture::enroll::CapturedSummary;
 use serde_json::{json, Map, Value};
 
 use crate::authz::{Action, Match, Policy, Scope, ServiceAccountMatch, StringMatch};
@@ -219,22 +220,21 @@ pub fn policies(snap: &Snapshot) -> Value {
     Value::Array(snap.policies.policies().map(policy).collect())
 }
 
-/// `workloadState`: the pods this node proxies, by uid.
-pub fn workload_state(snap: &Snapshot, node: &str) -> Value {
-    let states: Map<String, Value> = snap
-        .workloads
-        .values()
-        .filter(|w| w.netns.is_some() && (node.is_empty() || w.node.is_empty() || w.node == node))
-        .map(|w| {
+/// `workloadState`: the pods this node proxies, by uid (the Kubernetes pod UID for pods the
+/// CNI layer handed over, as ztunnel keys them; else the workload uid).
+pub fn workload_state(captured: &[CapturedSummary]) -> Value {
+    let states: Map<String, Value> = captured
+        .iter()
+        .map(|c| {
             (
-                w.uid.clone(),
+                c.pod_uid.clone().unwrap_or_else(|| c.uid.clone()),
                 json!({
                     "state": "Up",
                     "info": {
-                        "name": w.name,
-                        "namespace": w.namespace,
-                        "trustDomain": w.trust_domain,
-                        "serviceAccount": w.service_account,
+                        "name": c.info.name,
+                        "namespace": c.info.namespace,
+                        "trustDomain": c.info.trust_domain,
+                        "serviceAccount": c.info.service_account,
                     },
                 }),
             )

@@ -29,7 +29,7 @@ use crate::state::StateStore;
 /// Changes the log filter at run time; returns an error message for a bad filter.
 pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// Produces the captured-pod list for /config_dump.
-pub type CapturedPods = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+pub type CapturedPods = Arc<dyn Fn() -> Vec<crate::capture::enroll::CapturedSummary> + Send + Sync>;
 
 /// Everything the endpoints read.
 pub struct AdminState {
@@ -67,15 +67,16 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
 impl AdminState {
     fn config_dump(&self) -> serde_json::Value {
         let snap = self.state.snapshot();
+        let captured = (self.captured)();
         json!({
             "workloads": config_dump::workloads(&snap),
             "services": config_dump::services(&snap),
             "policies": config_dump::policies(&snap),
             "certificates": self.certs.config_dump(),
-            "workloadState": config_dump::workload_state(&snap, &self.node_name),
+            "workloadState": config_dump::workload_state(&captured),
             "weft": {
                 "generation": snap.generation,
-                "capturedPods": (self.captured)(),
+                "capturedPods": captured,
                 "rootNamespace": snap.policies.root_namespace(),
             },
         })

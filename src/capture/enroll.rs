@@ -88,8 +88,10 @@ impl CaptureShape {
 struct Enrolled {
     shape: CaptureShape,
     name: String,
-    /// Handed over by the CNI layer: when released, the pod is gone, so its connections close.
-    handed: bool,
+    /// Handed over by the CNI layer (its Kubernetes UID): when released, the pod is gone, so
+    /// its connections close.
+    handed: Option<String>,
+    info: WorkloadInfo,
     netns_label: String,
     addresses: Vec<IpAddr>,
     proxy: WorkloadProxy,
@@ -104,6 +106,20 @@ pub struct CapturedSummary {
     pub name: String,
     pub netns: String,
     pub addresses: Vec<String>,
+    /// The Kubernetes pod UID of a pod handed over by the CNI layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(skip)]
+    pub info: WorkloadInfo,
+}
+
+/// Who a captured workload is, as ztunnel's `workloadState` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadInfo {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
 }
 
 #[derive(Default)]
@@ -194,7 +210,7 @@ impl Enroller {
         for uid in stale {
             if let Some(e) = enrolled.remove(&uid) {
                 let identity = e.shape.identity.clone();
-                let handed = e.handed;
+                let handed = e.handed.is_some();
                 release(e);
                 if handed {
                     // A handed pod that leaves is gone (or moved): its connections go too.
@@ -337,7 +353,16 @@ impl Enroller {
         Ok(Enrolled {
             shape,
             name,
-            handed: matches!(place, Place::Handed(_)),
+            handed: match place {
+                Place::Handed(h) => Some(h.pod_uid.clone()),
+                _ => None,
+            },
+            info: WorkloadInfo {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                trust_domain: w.trust_domain.clone(),
+            },
             netns_label,
             addresses: w.workload_ips.clone(),
             proxy,
@@ -381,6 +406,8 @@ impl Enroller {
                 name: e.name.clone(),
                 netns: e.netns_label.clone(),
                 addresses: e.addresses.iter().map(ToString::to_string).collect(),
+                pod_uid: e.handed.clone(),
+                info: e.info.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.uid.cmp(&b.uid));

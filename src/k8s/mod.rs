@@ -92,6 +92,7 @@ pub fn start(
     node_name: String,
     store: Arc<StateStore>,
     readiness: Arc<Readiness>,
+    find_netns: bool,
 ) -> Vec<JoinHandle<()>> {
     readiness.pending(READINESS_TASK);
     let changed = Arc::new(Notify::new());
@@ -124,7 +125,10 @@ pub fn start(
             policies: ready_or_absent(policies).await,
         };
         if mirrors.wait_listed().await {
-            rebuild_forever(mirrors, facts, node_name, store, readiness, changed).await;
+            rebuild_forever(
+                mirrors, facts, node_name, store, readiness, changed, find_netns,
+            )
+            .await;
         }
     }));
     tasks
@@ -276,6 +280,7 @@ async fn rebuild_forever(
     store: Arc<StateStore>,
     readiness: Arc<Readiness>,
     changed: Arc<Notify>,
+    find_netns: bool,
 ) {
     let mut finder = NetnsFinder::default();
     let mut last_rejected: Vec<String> = Vec::new();
@@ -289,7 +294,8 @@ async fn rebuild_forever(
                 &view,
                 &facts2,
                 |pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()),
-                |w| finder.netns_of(w),
+                // Under istio-cni, pods are captured when handed over, never found.
+                |w| find_netns.then(|| finder.netns_of(w)).flatten(),
             );
             finder.end();
             (finder, t)

@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod fake_xds;
 pub mod istio;
+pub mod istio_cni;
 pub mod lab;
 
 use std::io::Write;

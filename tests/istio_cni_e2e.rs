@@ -1,0 +1,235 @@
+//! weft under the real istio-cni node agent (built from the same Istio module as istiod, run
+//! against the test API server inside the lab's node-a namespace): the agent's CNI plugin is
+//! called as a container runtime calls it, the agent installs its redirection in the pod and
+//! hands the pod's namespace to weft over ZDS; weft serves it, releases it when the pod goes
+//! (Del, or absent from a snapshot), and keeps serving across the agent's restart.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::apiserver::ApiServer;
+use common::istio_cni::{CniPod, IstioCni};
+use common::lab::Lab;
+use common::*;
+use weft::node::{Node, Sources};
+
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+
+fn pods_yaml() -> String {
+    let pod = |name: &str, sa: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  nodeName: node-a\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: app}}]\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: client, namespace: shop}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: other, namespace: shop}}\n{}{}",
+        pod("a1", "client"),
+        pod("a2", "other")
+    )
+}
+
+fn set_running(api: &ApiServer, name: &str, ip: &str) -> String {
+    let status = format!(
+        r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
+    );
+    api.kubectl(&[
+        "-n",
+        "shop",
+        "patch",
+        "pod",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status,
+    ]);
+    api.kubectl(&[
+        "-n",
+        "shop",
+        "get",
+        "pod",
+        name,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])
+    .trim()
+    .to_string()
+}
+
+fn inbound_from(logs: &LogBuffer, identity: &str) -> usize {
+    logs.lines_with("direction=\"inbound\"")
+        .iter()
+        .filter(|l| l.contains("dst.addr=10.250.2.2:8080"))
+        .filter(|l| l.contains(&format!("src.identity=\"{identity}\"")))
+        .count()
+}
+
+async fn config_dump(node: &Node) -> String {
+    http_get(node.admin_addr, "/config_dump").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cni_hands_pods_to_weft_over_zds() {
+    let logs = logs();
+    let api = ApiServer::start();
+    let mut lab = Lab::up(&[]);
+    api.apply_yaml(&pods_yaml());
+    let a1_uid = set_running(&api, "a1", "10.250.1.2");
+    let a2_uid = set_running(&api, "a2", "10.250.1.3");
+    let mut cni = IstioCni::start(&api, &lab.ns("na"), "node-a");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "workloads:\n- uid: b1\n  name: b1\n  namespace: shop\n  serviceAccount: server\n  workloadIps: [\"10.250.2.2\"]\n  protocol: HBONE\n  node: node-b\n  netns: {}\n",
+            lab.netns_path("b1")
+        ),
+    );
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let a = Node::start(
+        settings("node-a"),
+        Sources {
+            config_file: Some(cfg.clone()),
+            zds: Some(cni.zds_socket()),
+            ..Sources::default()
+        },
+        None,
+        None,
+    )
+    .await
+    .expect("weft on node-a starts");
+    let _b = start_node("node-b", &cfg).await;
+    let b1 = lab.serve("b1", 8080);
+    eventually("weft ready after the agent's first snapshot", || {
+        a.readiness.is_ready()
+    })
+    .await;
+
+    // The runtime's ADD: returns once the agent has its rules in and weft acked the hand-off.
+    let a1 = CniPod::new(
+        "shop",
+        "a1",
+        &a1_uid,
+        &lab.netns_path("a1"),
+        "10.250.1.2/24",
+        "10.250.1.1",
+    );
+    let a2 = CniPod::new(
+        "shop",
+        "a2",
+        &a2_uid,
+        &lab.netns_path("a2"),
+        "10.250.1.3/24",
+        "10.250.1.1",
+    );
+    cni.cni_add_retrying(&a1, Duration::from_secs(20))
+        .expect_ok("ADD a1");
+    cni.cni_add_retrying(&a2, Duration::from_secs(20))
+        .expect_ok("ADD a2");
+    let rules = cni.ruleset(&lab.ns("a1"));
+    assert!(
+        rules.contains("15001") && rules.contains("15006"),
+        "agent's redirection: {rules}"
+    );
+    assert!(
+        lab.ruleset("a1").is_none(),
+        "weft installs no rules of its own under istio-cni"
+    );
+
+    // Captured from the first connection: HBONE with a1's identity at b1.
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "cni-1"),
+        Ok("cni-1".into())
+    );
+    assert_eq!(b1.next_peer(), "10.250.1.2");
+    eventually("a1's first connection arrives with its identity", || {
+        inbound_from(&logs, CLIENT) == 1
+    })
+    .await;
+    let dump = config_dump(&a).await;
+    assert!(dump.contains(&a1_uid) && dump.contains(&a2_uid), "{dump}");
+
+    // The agent restarts while a1 holds a connection open: weft reconnects, the snapshot keeps
+    // both pods, and the held connection carries on.
+    let held = {
+        let ns = lab.ns("a1");
+        std::thread::spawn(move || {
+            let out = Command::new("timeout")
+                .args(["30", "ip", "netns", "exec", &ns, "python3"])
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/tcp_tool.py"
+                ))
+                .args(["send", "10.250.2.2", "8080", "held", "4"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cni.restart();
+    eventually("weft reconnected and took the new snapshot", || {
+        logs.lines_with("ZDS: snapshot received").len() >= 2
+    })
+    .await;
+    assert_eq!(
+        held.join().unwrap(),
+        "reply held",
+        "held connection survived the restart"
+    );
+    let dump = config_dump(&a).await;
+    assert!(dump.contains(&a1_uid) && dump.contains(&a2_uid), "{dump}");
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "cni-2"),
+        Ok("cni-2".into())
+    );
+    eventually("a1 still captured after the restart", || {
+        inbound_from(&logs, CLIENT) == 3
+    })
+    .await;
+
+    // a2 is deleted while the agent is down: the next snapshot omits it and weft releases it.
+    cni.stop();
+    api.kubectl(&[
+        "-n",
+        "shop",
+        "delete",
+        "pod",
+        "a2",
+        "--grace-period=0",
+        "--force",
+    ]);
+    cni.start_again();
+    eventually("a2 released after a snapshot without it", || {
+        logs.lines_with("ZDS: snapshot received").len() >= 3
+    })
+    .await;
+    let dump = config_dump(&a).await;
+    assert!(dump.contains(&a1_uid) && !dump.contains(&a2_uid), "{dump}");
+
+    // a1 is deleted with the agent up: Del releases it.
+    api.kubectl(&[
+        "-n",
+        "shop",
+        "delete",
+        "pod",
+        "a1",
+        "--grace-period=0",
+        "--force",
+    ]);
+    eventually("a1 released by Del", || {
+        logs.lines_with("ZDS: pod released")
+            .iter()
+            .any(|l| l.contains(&a1_uid))
+    })
+    .await;
+    let dump = config_dump(&a).await;
+    assert!(!dump.contains(&a1_uid), "{dump}");
+    assert_eq!(
+        metric(&scrape(a.metrics_addr).await, "weft_captured_pods", &[]),
+        Some(0.0)
+    );
+}
