@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::apiserver::ApiServer;
-use common::istio_cni::{CniPod, IstioCni};
+use common::istio_cni::{CniPod, IstioCni, PodSandbox};
 use common::lab::Lab;
 use common::*;
 use weft::node::{Node, Sources};
@@ -66,6 +66,22 @@ fn inbound_from(logs: &LogBuffer, identity: &str) -> usize {
         .count()
 }
 
+async fn start_weft(cfg: &std::path::Path, cni: &IstioCni) -> Node {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    Node::start(
+        settings("node-a"),
+        Sources {
+            config_file: Some(cfg.to_owned()),
+            zds: Some(cni.zds_socket()),
+            ..Sources::default()
+        },
+        None,
+        None,
+    )
+    .await
+    .expect("weft on node-a starts")
+}
+
 async fn config_dump(node: &Node) -> String {
     http_get(node.admin_addr, "/config_dump").await
 }
@@ -78,6 +94,12 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
     api.apply_yaml(&pods_yaml());
     let a1_uid = set_running(&api, "a1", "10.250.1.2");
     let a2_uid = set_running(&api, "a2", "10.250.1.3");
+    // The pods' "pause" processes, in cgroups named after the pod UIDs: how the agent finds a
+    // running pod's namespace again for its snapshot.
+    let _sandboxes = [
+        PodSandbox::start(&lab.ns("a1"), &a1_uid),
+        PodSandbox::start(&lab.ns("a2"), &a2_uid),
+    ];
     let mut cni = IstioCni::start(&api, &lab.ns("na"), "node-a");
 
     let dir = tempfile::tempdir().unwrap();
@@ -89,18 +111,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
         ),
     );
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let a = Node::start(
-        settings("node-a"),
-        Sources {
-            config_file: Some(cfg.clone()),
-            zds: Some(cni.zds_socket()),
-            ..Sources::default()
-        },
-        None,
-        None,
-    )
-    .await
-    .expect("weft on node-a starts");
+    let a = start_weft(&cfg, &cni).await;
     let _b = start_node("node-b", &cfg).await;
     let b1 = lab.serve("b1", 8080);
     eventually("weft ready after the agent's first snapshot", || {
@@ -170,9 +181,11 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let snapshots = || logs.lines_with("ZDS: snapshot received").len();
+    let before = snapshots();
     cni.restart();
     eventually("weft reconnected and took the new snapshot", || {
-        logs.lines_with("ZDS: snapshot received").len() >= 2
+        snapshots() > before
     })
     .await;
     assert_eq!(
@@ -191,6 +204,29 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
     })
     .await;
 
+    // weft is upgraded as the DaemonSet's surge does it: the new weft starts and takes the
+    // agent's snapshot (the pods' namespaces handed again) while the old one still serves;
+    // then the old one stops. The pods stay captured throughout.
+    let before = snapshots();
+    let a = {
+        let old = a;
+        let new = start_weft(&cfg, &cni).await;
+        eventually("the new weft took its snapshot", || snapshots() > before).await;
+        eventually("the new weft is ready", || new.readiness.is_ready()).await;
+        old.shutdown(Duration::from_millis(500)).await;
+        new
+    };
+    let dump = config_dump(&a).await;
+    assert!(dump.contains(&a1_uid) && dump.contains(&a2_uid), "{dump}");
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "cni-3"),
+        Ok("cni-3".into())
+    );
+    eventually("a1 captured by the new weft", || {
+        inbound_from(&logs, CLIENT) == 4
+    })
+    .await;
+
     // a2 is deleted while the agent is down: the next snapshot omits it and weft releases it.
     cni.stop();
     api.kubectl(&[
@@ -202,9 +238,10 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
         "--grace-period=0",
         "--force",
     ]);
+    let before = snapshots();
     cni.start_again();
     eventually("a2 released after a snapshot without it", || {
-        logs.lines_with("ZDS: snapshot received").len() >= 3
+        snapshots() > before
     })
     .await;
     let dump = config_dump(&a).await;

@@ -243,8 +243,18 @@ async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
     .encode_to_vec();
     let truncated = conn.send_raw(&full[..full.len() / 2], &[]);
     assert!(truncated.contains("undecodable"), "{truncated}");
-    let keep_unknown = conn.send(Payload::Keep(KeepWorkload { uid: "nope".into() }), &[]);
-    assert!(keep_unknown.contains("does not serve"), "{keep_unknown}");
+    let keep_late = conn.send(
+        Payload::Keep(KeepWorkload {
+            uid: "uid-a1".into(),
+        }),
+        &[],
+    );
+    assert!(keep_late.contains("after the snapshot"), "{keep_late}");
+    let second_snapshot = conn.send(Payload::SnapshotSent(SnapshotSent {}), &[]);
+    assert!(
+        second_snapshot.contains("second SnapshotSent"),
+        "{second_snapshot}"
+    );
     assert_eq!(
         lab.send("a1", "10.250.2.2", 8080, "zds-2"),
         Ok("zds-2".into())

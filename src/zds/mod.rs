@@ -154,21 +154,22 @@ async fn handle(
             Ok(())
         }
         Payload::Keep(keep) => {
+            // The agent keeps a pod whose namespace it could not find again; a pod weft does
+            // not serve (weft restarted) stays unserved until the agent sends its Add.
+            let Some(seen) = snapshot.as_mut() else {
+                return Err(format!("Keep of {} after the snapshot", keep.uid));
+            };
             if !enroller.handed_pods().contains(&keep.uid) {
-                return Err(format!(
-                    "Keep of {}: weft does not serve that pod",
-                    keep.uid
-                ));
+                warn!(uid = %keep.uid, "ZDS: Keep of a pod weft does not serve; it stays uncaptured until the agent adds it");
             }
-            match snapshot.as_mut() {
-                Some(seen) => {
-                    seen.insert(keep.uid);
-                    Ok(())
-                }
-                None => Err(format!("Keep of {} after the snapshot", keep.uid)),
-            }
+            seen.insert(keep.uid);
+            Ok(())
         }
         Payload::Del(del) => {
+            // Before the snapshot ends, a deleted pod must not count as named in it.
+            if let Some(seen) = snapshot.as_mut() {
+                seen.remove(&del.uid);
+            }
             let enroller = enroller.clone();
             let uid = del.uid.clone();
             let found = tokio::task::spawn_blocking(move || enroller.release_handed(&uid))
