@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod allocator;
 pub mod authz;
+pub mod ca_service;
 pub mod capture;
 pub mod cni;
 pub mod config;

@@ -82,6 +82,90 @@ enum CaCommand {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// Serve Istio's certificate protocol with the mesh's signing key: the one place that
+    /// holds it. Callers are authenticated with TokenReview; node agents get certificates only
+    /// for identities with a pod on their node.
+    Serve(Box<CaServeArgs>),
+}
+
+#[derive(clap::Args)]
+struct CaServeArgs {
+    /// Directory holding ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem.
+    #[arg(long, env = "WEFT_CA_DIR", default_value = "/etc/weft/ca")]
+    ca_dir: PathBuf,
+    /// gRPC over TLS.
+    #[arg(long, env = "WEFT_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// /metrics and /healthz/ready.
+    #[arg(long, env = "WEFT_CA_METRICS_LISTEN", default_value = "0.0.0.0:15014")]
+    metrics_listen: std::net::SocketAddr,
+    /// DNS names of the service's own certificate (issued from the CA at start).
+    #[arg(
+        long,
+        env = "WEFT_CA_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "weft-ca.weft-system.svc"
+    )]
+    server_names: Vec<String>,
+    /// The Kubernetes API for TokenReview and pod lookups (in-cluster when absent).
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The audience callers' tokens must be for.
+    #[arg(long, env = "WEFT_CA_AUDIENCE", default_value = "istio-ca")]
+    audience: String,
+    /// Service accounts (namespace/name) of node agents, which may ask on pods' behalf.
+    #[arg(
+        long,
+        env = "WEFT_CA_NODE_AGENTS",
+        value_delimiter = ',',
+        default_value = "weft-system/weft"
+    )]
+    node_agents: Vec<String>,
+    /// Longest certificate lifetime issued, whatever is asked.
+    #[arg(long, env = "WEFT_CA_MAX_TTL_SECONDS", default_value_t = 86400)]
+    max_ttl_seconds: u64,
+    /// Issuance rate per caller (certificates per second, and the burst above it).
+    #[arg(long, env = "WEFT_CA_RATE_PER_SECOND", default_value_t = 10.0)]
+    rate_per_second: f64,
+    #[arg(long, env = "WEFT_CA_BURST", default_value_t = 100)]
+    burst: u32,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "plain")]
+    log_format: LogFormat,
+}
+
+fn ca_serve(args: CaServeArgs) -> anyhow::Result<()> {
+    let _log_control = init_logging(args.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let client = weft::k8s::client(&KubeSettings {
+            kubeconfig: args.kubeconfig.clone(),
+            domain_suffix: String::new(),
+        })
+        .await
+        .context("connecting to the Kubernetes API")?;
+        let api = Arc::new(weft::ca_service::authn::KubeApi { client });
+        let settings = weft::ca_service::CaServiceSettings {
+            ca_dir: args.ca_dir,
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            server_names: args.server_names,
+            trust_domain: args.trust_domain,
+            audience: args.audience,
+            node_agents: args.node_agents,
+            max_ttl: Duration::from_secs(args.max_ttl_seconds),
+            rate_per_second: args.rate_per_second,
+            burst: args.burst,
+        };
+        let _service = weft::ca_service::CaService::start(settings, api.clone(), api).await?;
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        Ok(())
+    })
 }
 
 #[derive(clap::Args)]
@@ -419,6 +503,9 @@ fn main() -> anyhow::Result<()> {
             }
             run(*args)
         }
+        Command::Ca {
+            command: CaCommand::Serve(args),
+        } => ca_serve(*args),
         Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         } => {

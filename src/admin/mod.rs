@@ -43,15 +43,47 @@ pub struct AdminState {
     pub node_name: String,
 }
 
-type Body = Full<Bytes>;
+pub type Body = Full<Bytes>;
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+pub fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     if let Ok(v) = header::HeaderValue::from_str(content_type) {
         r.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     r
+}
+
+/// Whether the scraper asked for OpenMetrics (else the classic text format).
+pub fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"))
+}
+
+/// A scrape's answer, in the format asked for.
+pub fn metrics_response(
+    openmetrics: bool,
+    encoded: Result<String, std::fmt::Error>,
+) -> Response<Body> {
+    match encoded {
+        Ok(body) if openmetrics => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        ),
+        Ok(body) => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            body,
+        ),
+        Err(_) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "encoding failed",
+        ),
+    }
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
@@ -83,11 +115,7 @@ impl AdminState {
     }
 
     fn metrics(&self, req: &Request<Incoming>) -> Response<Body> {
-        let openmetrics = req
-            .headers()
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("application/openmetrics-text"));
+        let openmetrics = wants_openmetrics(req);
         for c in self.certs.summaries() {
             self.metrics
                 .certificate_expiry_seconds
@@ -99,23 +127,7 @@ impl AdminState {
         self.metrics
             .policies
             .set(self.state.snapshot().policies.len() as i64);
-        match self.metrics.encode(openmetrics) {
-            Ok(body) if openmetrics => respond(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body,
-            ),
-            Ok(body) => respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                body,
-            ),
-            Err(_) => respond(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                "encoding failed",
-            ),
-        }
+        metrics_response(openmetrics, self.metrics.encode(openmetrics))
     }
 
     fn logging(&self, req: &Request<Incoming>) -> Response<Body> {
@@ -213,6 +225,19 @@ pub async fn serve(
     which: Endpoints,
     st: Arc<AdminState>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_http(addr, move |req| route(which, st.clone(), req)).await
+}
+
+/// A small HTTP/1 server on `addr`: every request goes to `handler`. For weft's admin ports
+/// and the CA service's metrics and readiness.
+pub async fn serve_http<F, Fut>(
+    addr: SocketAddr,
+    handler: F,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -220,9 +245,9 @@ pub async fn serve(
             let Ok((s, _)) = listener.accept().await else {
                 continue;
             };
-            let st = st.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| route(which, st.clone(), req));
+                let svc = service_fn(handler);
                 if let Err(e) = http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await

@@ -15,8 +15,9 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -225,37 +226,99 @@ impl CertificateAuthority {
         };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
         let uri = identity.to_string().try_into().map_err(sign_err)?;
-        let mut params = CertificateParams::default();
-        // Istio workload certificates carry no subject: the URI SAN is the identity.
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let now = SystemTime::now();
-        let not_before = now - CLOCK_SKEW_ALLOWANCE;
-        let not_after = now + ttl;
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(random_serial());
+        let (params, not_before, not_after) = leaf_params(vec![SanType::URI(uri)], ttl);
         let leaf = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
-        let mut chain = Vec::with_capacity(1 + self.chain.len());
-        chain.push(leaf.der().clone());
-        chain.extend(self.chain.iter().cloned());
         Ok(WorkloadCertificate {
             identity: identity.clone(),
-            chain,
+            chain: self.with_chain(leaf.der().clone()),
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             not_before,
             not_after,
         })
     }
+
+    /// Signs the holder's own public key from a certificate request as `identity`. Only the
+    /// key is taken from the request (whose signature rcgen verified when parsing it):
+    /// names, usages and lifetime are the CA's. Returns the chain, leaf first.
+    pub fn sign_request(
+        &self,
+        request: CertificateSigningRequestParams,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let sign_err = |source| CaError::Sign {
+            identity: identity.to_string(),
+            source,
+        };
+        let uri = identity.to_string().try_into().map_err(sign_err)?;
+        let (params, _, _) = leaf_params(vec![SanType::URI(uri)], ttl);
+        let request = CertificateSigningRequestParams {
+            params,
+            public_key: request.public_key,
+        };
+        let leaf = request.signed_by(&self.issuer).map_err(sign_err)?;
+        Ok(self.with_chain(leaf.der().clone()))
+    }
+
+    /// A serving certificate with DNS names (the CA service's own TLS), from this CA.
+    pub fn issue_for_names(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let sign_err = |source| CaError::Sign {
+            identity: names.join(","),
+            source,
+        };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+        let sans = names
+            .iter()
+            .map(|n| n.clone().try_into().map(SanType::DnsName))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sign_err)?;
+        let (params, _, _) = leaf_params(sans, ttl);
+        let leaf = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
+        Ok((
+            self.with_chain(leaf.der().clone()),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
+    /// The roots peers must chain to (root-cert.pem; two during a root rotation).
+    pub fn root_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    fn with_chain(&self, leaf: CertificateDer<'static>) -> Vec<CertificateDer<'static>> {
+        let mut chain = Vec::with_capacity(1 + self.chain.len());
+        chain.push(leaf);
+        chain.extend(self.chain.iter().cloned());
+        chain
+    }
+}
+
+/// The parameters of every certificate weft's CA signs: no subject (the SAN is the identity,
+/// as in Istio), both TLS usages, a random serial, valid from a little before now.
+fn leaf_params(sans: Vec<SanType>, ttl: Duration) -> (CertificateParams, SystemTime, SystemTime) {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = SystemTime::now();
+    let not_before = now - CLOCK_SKEW_ALLOWANCE;
+    let not_after = now + ttl;
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.serial_number = Some(random_serial());
+    (params, not_before, not_after)
 }
 
 impl CertificateSigner for CertificateAuthority {

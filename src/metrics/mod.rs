@@ -213,15 +213,7 @@ impl Metrics {
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             self.worker_threads.set(h.metrics().num_workers() as i64);
         }
-        let mut out = String::new();
-        encode(&mut out, &self.registry)?;
-        if !openmetrics {
-            // The classic text format has no `# EOF` terminator.
-            if let Some(stripped) = out.strip_suffix("# EOF\n") {
-                out.truncate(stripped.len());
-            }
-        }
-        Ok(out)
+        encode_registry(&self.registry, openmetrics)
     }
 
     /// The shared counters of a connection label set.
@@ -256,4 +248,16 @@ impl crate::state::local::ReloadObserver for Metrics {
     fn reloaded(&self, ok: bool) {
         self.record_reload(ok);
     }
+}
+
+/// A registry in OpenMetrics, or in the classic text format (which has no `# EOF`).
+pub fn encode_registry(registry: &Registry, openmetrics: bool) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    encode(&mut out, registry)?;
+    if !openmetrics {
+        if let Some(stripped) = out.strip_suffix("# EOF\n") {
+            out.truncate(stripped.len());
+        }
+    }
+    Ok(out)
 }
