@@ -21,10 +21,104 @@ use common::*;
 use weft::k8s::KubeSettings;
 use weft::node::{Node, Sources};
 
-async fn start_k8s_node(node: &str, kubeconfig: &Path) -> Node {
+/// The mesh's certificates come from `weft ca serve`, which alone holds the signing key; a
+/// node's weft gets only the root bundle (the `weft-ca-root` ConfigMap's file) and its pod's
+/// bound token.
+struct MeshCa {
+    service: weft::ca_service::CaService,
+    /// What a node sees: root-cert.pem and nothing else.
+    roots_dir: tempfile::TempDir,
+    tokens_dir: tempfile::TempDir,
+    _key_dir: tempfile::TempDir,
+}
+
+impl MeshCa {
+    async fn start(api: &ApiServer) -> MeshCa {
+        let key_dir = tempfile::tempdir().unwrap();
+        weft::identity::CertificateAuthority::init(key_dir.path(), "cluster.local").unwrap();
+        let roots_dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            key_dir.path().join("root-cert.pem"),
+            roots_dir.path().join("root-cert.pem"),
+        )
+        .unwrap();
+        let client = weft::k8s::client(&KubeSettings {
+            kubeconfig: Some(api.kubeconfig()),
+            domain_suffix: String::new(),
+        })
+        .await
+        .unwrap();
+        let kube = std::sync::Arc::new(weft::ca_service::authn::KubeApi { client });
+        let service = weft::ca_service::CaService::start(
+            weft::ca_service::CaServiceSettings {
+                ca_dir: key_dir.path().to_owned(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                metrics_listen: "127.0.0.1:0".parse().unwrap(),
+                server_names: vec!["weft-ca.weft-system.svc".into()],
+                trust_domain: "cluster.local".into(),
+                audience: "istio-ca".into(),
+                node_agents: vec!["weft-system/weft".into()],
+                max_ttl: Duration::from_secs(86400),
+                rate_per_second: 100.0,
+                burst: 1000,
+            },
+            kube.clone(),
+            kube,
+        )
+        .await
+        .expect("CA service starts");
+        MeshCa {
+            service,
+            roots_dir,
+            tokens_dir: tempfile::tempdir().unwrap(),
+            _key_dir: key_dir,
+        }
+    }
+
+    /// The signer of the weft whose pod is `pod`: the CA service, with that pod's token.
+    fn signer(
+        &self,
+        api: &ApiServer,
+        pod: &str,
+    ) -> std::sync::Arc<dyn weft::identity::CertificateSigner> {
+        let token = self.tokens_dir.path().join(pod);
+        std::fs::write(
+            &token,
+            api.token("weft-system", "weft", "istio-ca", Some(pod)),
+        )
+        .unwrap();
+        std::sync::Arc::new(
+            weft::identity::istio_ca::IstioCa::new(weft::identity::istio_ca::IstioCaSettings {
+                target: weft::grpc::GrpcTarget {
+                    address: format!("https://127.0.0.1:{}", self.service.addr.port()),
+                    root_cert: self.roots_dir.path().join("root-cert.pem"),
+                    server_name: Some("weft-ca.weft-system.svc".into()),
+                },
+                token: Some(weft::grpc::TokenFile { path: token }),
+                cluster_id: "Kubernetes".into(),
+                node_identity: Some(weft::identity::Identity::new(
+                    "cluster.local",
+                    "weft-system",
+                    "weft",
+                )),
+                trust_domain: "cluster.local".into(),
+            })
+            .expect("CA client"),
+        )
+    }
+}
+
+async fn start_k8s_node(
+    node: &str,
+    kubeconfig: &Path,
+    signer: std::sync::Arc<dyn weft::identity::CertificateSigner>,
+) -> Node {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut settings = settings(node);
+    // No CA key anywhere a node can read: the built-in CA's directory does not exist.
+    settings.ca_dir = "/nonexistent/weft-ca".into();
     let node = Node::start(
-        settings(node),
+        settings,
         Sources {
             config_file: None,
             kubernetes: Some(KubeSettings {
@@ -33,7 +127,7 @@ async fn start_k8s_node(node: &str, kubeconfig: &Path) -> Node {
             }),
             ..Sources::default()
         },
-        None,
+        Some(signer),
         None,
     )
     .await
@@ -230,8 +324,20 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         .and_then(|s| s.cluster_ip)
         .expect("cluster IP allocated");
 
-    let a = start_k8s_node("a", &weft_kubeconfig).await;
-    let b = start_k8s_node("b", &weft_kubeconfig).await;
+    // weft's own pods, whose bound tokens name their nodes to the CA service.
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: weft-a, namespace: weft-system}\nspec: {nodeName: a, serviceAccountName: weft, containers: [{name: weft, image: weft}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: weft-b, namespace: weft-system}\nspec: {nodeName: b, serviceAccountName: weft, containers: [{name: weft, image: weft}]}\n",
+    );
+    let mesh_ca = MeshCa::start(&api).await;
+    assert!(
+        std::fs::read_dir(mesh_ca.roots_dir.path())
+            .unwrap()
+            .flatten()
+            .all(|f| f.file_name() == "root-cert.pem"),
+        "nodes see the root only"
+    );
+    let a = start_k8s_node("a", &weft_kubeconfig, mesh_ca.signer(&api, "weft-a")).await;
+    let b = start_k8s_node("b", &weft_kubeconfig, mesh_ca.signer(&api, "weft-b")).await;
     let b1 = lab.serve("b1", 8080);
     lab.serve("b2", 8080);
 
@@ -377,6 +483,14 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         lab.send("a1", "10.250.2.2", 8080, "after"),
         Ok("after".into())
     );
+
+    // Every workload certificate above came from the CA service, asked on the pods' behalf.
+    let issued = metric(
+        &http_get(mesh_ca.service.metrics_addr, "/metrics").await,
+        "weft_ca_certificates_issued_total",
+        &["impersonated=\"true\""],
+    );
+    assert!(issued.is_some_and(|n| n >= 2.0), "{issued:?}");
 
     a.shutdown(Duration::from_millis(200)).await;
     b.shutdown(Duration::from_millis(200)).await;
