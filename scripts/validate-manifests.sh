@@ -7,12 +7,16 @@
 # Steps:
 #   1. render daemonset/ with kubectl's kustomize (kubectl 1.34, kustomize v5); no
 #      Secret and no key material may be in it;
-#   2. kubernetes-validate --strict: daemonset/ against the oldest schema the package
-#      ships (1.25) and against 1.34, the API server's version;
+#   2. kubernetes-validate --strict: daemonset/ and daemonset/cni-uninstall.yaml (not
+#      part of the kustomization) against the oldest schema the package ships (1.25)
+#      and against 1.34, the API server's version;
 #   3. start a throwaway etcd + kube-apiserver, apply the CRD and the Namespace for
 #      real (namespaced objects cannot be dry-run into a namespace that does not
-#      exist), then `kubectl apply -k daemonset/ --dry-run=server` must succeed, with
-#      field validation Strict (an unknown or duplicate field is an error);
+#      exist), then `kubectl apply -k daemonset/ --dry-run=server` and
+#      `kubectl apply -f daemonset/cni-uninstall.yaml --dry-run=server` must succeed,
+#      with field validation Strict (an unknown or duplicate field is an error); in
+#      what the server returns, the Secret weft-ca is mounted by the Deployment
+#      weft-ca only and no other workload mounts any Secret;
 #   4. the AuthorizationPolicy samples in daemonset/README.md are applied for real,
 #      read back (no field pruned) and watched; an invalid action is refused;
 #   5. stop the API server (always, also on failure).
@@ -54,8 +58,10 @@ ok "kubectl $("$KUBECTL_BIN" version --client -o json 2>/dev/null | sed -n 's/.*
 step "render daemonset/ (kubectl kustomize)"
 "$KUBECTL_BIN" kustomize "$MANIFESTS" >"$work/rendered.yaml"
 kinds="$(grep -E '^kind: ' "$work/rendered.yaml" | sort | tr '\n' ' ')"
-want="kind: ClusterRole kind: ClusterRoleBinding kind: ConfigMap kind: CustomResourceDefinition kind: DaemonSet kind: Namespace kind: ServiceAccount "
+want="kind: ClusterRole kind: ClusterRole kind: ClusterRoleBinding kind: ClusterRoleBinding kind: ConfigMap kind: CustomResourceDefinition kind: DaemonSet kind: Deployment kind: Namespace kind: PodDisruptionBudget kind: Service kind: ServiceAccount kind: ServiceAccount "
 [[ $kinds == "$want" ]] || fail "unexpected objects in daemonset/: $kinds"
+[[ $(grep -E '^kind: ' "$MANIFESTS/cni-uninstall.yaml") == "kind: DaemonSet" ]] ||
+  fail "cni-uninstall.yaml: expected one DaemonSet"
 if grep -rqE 'PRIVATE KEY|^kind: Secret' "$MANIFESTS" "$work/rendered.yaml"; then
   fail "daemonset/ must not contain secrets or keys"
 fi
@@ -79,6 +85,9 @@ else
     "$KV_VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$work/rendered.yaml" ||
       fail "daemonset/ does not validate against $v"
     ok "daemonset/ against $v"
+    "$KV_VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$MANIFESTS/cni-uninstall.yaml" ||
+      fail "daemonset/cni-uninstall.yaml does not validate against $v"
+    ok "daemonset/cni-uninstall.yaml against $v"
   done
 fi
 
@@ -98,9 +107,36 @@ kc apply -f "$MANIFESTS/crds/authorizationpolicies.security.istio.io.yaml"
 kc wait --for condition=established --timeout=60s crd/authorizationpolicies.security.istio.io
 kc apply -f "$MANIFESTS/namespace.yaml"
 
-step "server-side dry run of daemonset/ (strict field validation)"
-kc apply -k "$MANIFESTS" --dry-run=server --validate=strict
-ok "accepted by kube-apiserver $server_version"
+step "server-side dry run of daemonset/ and cni-uninstall.yaml (strict field validation)"
+kc apply -k "$MANIFESTS" --dry-run=server --validate=strict -o json >"$work/dry-run.json"
+ok "daemonset/ accepted by kube-apiserver $server_version"
+kc apply -f "$MANIFESTS/cni-uninstall.yaml" --dry-run=server --validate=strict -o json >"$work/dry-run-cni-uninstall.json"
+ok "daemonset/cni-uninstall.yaml accepted by kube-apiserver $server_version"
+python3 - "$work/dry-run.json" "$work/dry-run-cni-uninstall.json" <<'EOF' || fail "a Secret is mounted where it must not be"
+# The CA's key (Secret weft-ca) reaches the CA Deployment only; no other pod template
+# (the node agents' DaemonSet above all) mounts any Secret, directly or projected.
+import json, sys
+items = []
+for path in sys.argv[1:]:
+    doc = json.load(open(path))
+    items += doc.get("items", [doc])
+mounts = {}
+for o in items:
+    spec = o.get("spec", {}).get("template", {}).get("spec")
+    if spec is None:
+        continue
+    name = f'{o["kind"]}/{o["metadata"]["name"]}'
+    for v in spec.get("volumes", []):
+        secrets = [v["secret"]["secretName"]] if "secret" in v else []
+        for src in v.get("projected", {}).get("sources", []):
+            if "secret" in src:
+                secrets.append(src["secret"]["name"])
+        for secret in secrets:
+            mounts.setdefault(name, []).append(secret)
+want = {"Deployment/weft-ca": ["weft-ca"]}
+sys.exit(0 if mounts == want else f"want {want}, got {mounts}")
+EOF
+ok "Secret weft-ca mounted by Deployment/weft-ca only; no other Secret mounted"
 
 step "README AuthorizationPolicy samples: apply, read back, watch"
 python3 - "$MANIFESTS/README.md" "$work/samples" <<'EOF'
