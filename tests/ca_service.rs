@@ -82,6 +82,10 @@ impl Setup {
     }
 
     async fn start(&self, burst: u32) -> CaService {
+        self.start_with(self.ca_dir.path(), burst).await
+    }
+
+    async fn start_with(&self, ca_dir: &std::path::Path, burst: u32) -> CaService {
         let client = weft::k8s::client(&weft::k8s::KubeSettings {
             kubeconfig: Some(self.api.kubeconfig()),
             domain_suffix: String::new(),
@@ -91,7 +95,7 @@ impl Setup {
         let api = Arc::new(KubeApi { client });
         CaService::start(
             CaServiceSettings {
-                ca_dir: self.ca_dir.path().to_owned(),
+                ca_dir: ca_dir.to_owned(),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 metrics_listen: "127.0.0.1:0".parse().unwrap(),
                 server_names: vec![SERVER_NAME.into()],
@@ -335,4 +339,41 @@ async fn node_agents_get_only_their_nodes_identities() {
     raw(&t, cart_raw.trim(), cart_csr(), None, 600)
         .await
         .expect("another caller has its own budget");
+
+    // Root rotation: a CA with a new root; nodes whose bundle holds both roots keep working,
+    // a bundle with the old root alone does not trust the new CA.
+    let new_root = tempfile::tempdir().unwrap();
+    CertificateAuthority::init(new_root.path(), "cluster.local").unwrap();
+    let rotated = setup.start_with(new_root.path(), 1000).await;
+    let bundle = setup.tokens.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        [
+            std::fs::read_to_string(setup.ca_dir.path().join("root-cert.pem")).unwrap(),
+            std::fs::read_to_string(new_root.path().join("root-cert.pem")).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let with = |roots: &std::path::Path| {
+        IstioCa::new(IstioCaSettings {
+            target: GrpcTarget {
+                root_cert: roots.to_owned(),
+                ..setup.target(&rotated)
+            },
+            token: Some(node_a.clone()),
+            cluster_id: "Kubernetes".into(),
+            node_identity: Some(agent.clone()),
+            trust_domain: "cluster.local".into(),
+        })
+        .unwrap()
+    };
+    with(&bundle)
+        .sign(&id("shop", "cart"), Duration::from_secs(600))
+        .await
+        .expect("a two-root bundle trusts the new root");
+    with(&setup.ca_dir.path().join("root-cert.pem"))
+        .sign(&id("shop", "cart"), Duration::from_secs(600))
+        .await
+        .expect_err("the old root alone does not");
 }
