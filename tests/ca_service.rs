@@ -157,6 +157,45 @@ async fn raw(
         .map(|r| r.into_inner().cert_chain)
 }
 
+/// `token` signed again with the API server's service-account key, its lifetime moved into
+/// the past if `expire`: a genuine token, expired (TokenRequest will not mint one shorter than
+/// ten minutes).
+fn resigned(token: &str, sa_key: &std::path::Path, expire: bool) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let mut parts = token.trim().split('.');
+    let (header, payload) = (parts.next().unwrap(), parts.next().unwrap());
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if expire {
+        claims["iat"] = (now - 7200).into();
+        claims["nbf"] = (now - 7200).into();
+        claims["exp"] = (now - 3600).into();
+    }
+    let signing_input = format!("{header}.{}", B64.encode(claims.to_string()));
+    let mut openssl = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(sa_key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    use std::io::Write;
+    openssl
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(signing_input.as_bytes())
+        .unwrap();
+    let out = openssl.wait_with_output().unwrap();
+    assert!(out.status.success());
+    format!("{signing_input}.{}", B64.encode(out.stdout))
+}
+
 fn code_of(e: &weft::identity::CaError) -> String {
     format!("{e:?}")
 }
@@ -238,6 +277,27 @@ async fn node_agents_get_only_their_nodes_identities() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // Expired: the same claims signed again pass review, with their lifetime in the past not.
+    let sa_key = setup.api.dir().join("pki/sa.key");
+    raw(
+        &target,
+        &resigned(&token_a, &sa_key, false),
+        cart_csr(),
+        Some(cart),
+        600,
+    )
+    .await
+    .expect("re-signed with its own lifetime: accepted");
+    let e = raw(
+        &target,
+        &resigned(&token_a, &sa_key, true),
+        cart_csr(),
+        Some(cart),
+        600,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "expired: {e:?}");
     let unbound = setup.api.token("weft-system", "weft", "istio-ca", None);
     let e = raw(&target, &unbound, cart_csr(), Some(cart), 600)
         .await
@@ -311,7 +371,7 @@ async fn node_agents_get_only_their_nodes_identities() {
             "weft_ca_certificates_issued_total",
             &["impersonated=\"true\""]
         ),
-        Some(3.0),
+        Some(4.0),
         "{m}"
     );
     assert_eq!(
@@ -320,7 +380,7 @@ async fn node_agents_get_only_their_nodes_identities() {
             "weft_ca_requests_refused_total",
             &["code=\"Unauthenticated\""]
         ),
-        Some(4.0),
+        Some(5.0),
         "{m}"
     );
 
