@@ -1,6 +1,7 @@
 //! Who is asking: the caller's bearer token reviewed by the Kubernetes API (TokenReview), and
 //! the pods that say which node a caller runs on and which identities live there.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -191,5 +192,118 @@ impl PodDirectory for KubeApi {
                 sa == service_account && !finished
             }))
         })
+    }
+}
+
+impl TokenReviewer for std::sync::Arc<dyn TokenReviewer> {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audience: &'a str,
+    ) -> BoxFuture<'a, Result<Caller, ReviewError>> {
+        (**self).review(token, audience)
+    }
+}
+
+/// How long a review's answer is reused for the same token. A node agent asks for many pods'
+/// certificates with one token (a node starting up: one request per pod), and each review is
+/// an API round trip; a token revoked meanwhile (its pod deleted) is honoured at most this
+/// much longer, the same order as the API server's own authentication cache.
+const REVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Tokens remembered at most; beyond, expired answers are dropped, then everything.
+const REVIEW_CACHE_MAX: usize = 10_000;
+
+/// A [`TokenReviewer`] that remembers accepted tokens for [`REVIEW_TTL`]. Refusals are not
+/// remembered: a caller whose token was just rejected (or whose review failed) asks again.
+pub struct CachedReviewer<R> {
+    inner: R,
+    accepted: std::sync::Mutex<HashMap<(String, String), (Caller, std::time::Instant)>>,
+}
+
+impl<R: TokenReviewer> CachedReviewer<R> {
+    pub fn new(inner: R) -> Self {
+        CachedReviewer {
+            inner,
+            accepted: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, key: &(String, String)) -> Option<Caller> {
+        let map = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .filter(|(_, at)| at.elapsed() < REVIEW_TTL)
+            .map(|(c, _)| c.clone())
+    }
+}
+
+impl<R: TokenReviewer> TokenReviewer for CachedReviewer<R> {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audience: &'a str,
+    ) -> BoxFuture<'a, Result<Caller, ReviewError>> {
+        Box::pin(async move {
+            let key = (token.to_string(), audience.to_string());
+            if let Some(c) = self.cached(&key) {
+                return Ok(c);
+            }
+            let caller = self.inner.review(token, audience).await?;
+            let mut map = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= REVIEW_CACHE_MAX {
+                map.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
+                if map.len() >= REVIEW_CACHE_MAX {
+                    map.clear();
+                }
+            }
+            map.insert(key, (caller.clone(), std::time::Instant::now()));
+            Ok(caller)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting(AtomicUsize);
+
+    impl TokenReviewer for Counting {
+        fn review<'a>(
+            &'a self,
+            token: &'a str,
+            _audience: &'a str,
+        ) -> BoxFuture<'a, Result<Caller, ReviewError>> {
+            Box::pin(async move {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                if token == "bad" {
+                    return Err(ReviewError::Rejected("no".into()));
+                }
+                Ok(Caller {
+                    namespace: "ns".into(),
+                    service_account: token.into(),
+                    pod: None,
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_tokens_are_reviewed_once_refusals_every_time() {
+        let r = CachedReviewer::new(Counting(AtomicUsize::new(0)));
+        for _ in 0..3 {
+            assert_eq!(r.review("a", "aud").await.unwrap().service_account, "a");
+        }
+        assert_eq!(r.inner.0.load(Ordering::SeqCst), 1);
+        r.review("a", "other-audience").await.unwrap();
+        assert_eq!(r.inner.0.load(Ordering::SeqCst), 2, "per audience");
+        for _ in 0..2 {
+            assert!(r.review("bad", "aud").await.is_err());
+        }
+        assert_eq!(
+            r.inner.0.load(Ordering::SeqCst),
+            4,
+            "refusals are not cached"
+        );
     }
 }

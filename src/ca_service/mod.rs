@@ -79,6 +79,8 @@ impl CaService {
         let mut tls = tls;
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let metrics = Arc::new(metrics::CaMetrics::new());
+        let reviewer: Arc<dyn authn::TokenReviewer> =
+            Arc::new(authn::CachedReviewer::new(reviewer));
         let svc = service::Service::new(
             settings.clone(),
             Arc::new(ca),
