@@ -200,6 +200,20 @@ impl tokio::io::AsyncWrite for TlsConnection {
 /// How long a client may take over its TLS handshake before it is dropped.
 const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A gRPC server's TLS: this certificate chain and key, TLS 1.3 only, ALPN `h2`, no client
+/// certificates (callers authenticate with bearer tokens).
+pub fn server_tls(
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(crate::hbone::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// The TLS connections accepted on `listener`, for `tonic::transport::Server::
 /// serve_with_incoming`. Each handshake runs in its own task, so a slow or silent client
 /// never holds up the others; a failed one is logged and dropped.

@@ -70,14 +70,7 @@ impl CaService {
         let (chain, key) = ca
             .issue_for_names(&settings.server_names, SERVING_CERT_TTL)
             .context("issuing the service's own certificate")?;
-        let tls = rustls::ServerConfig::builder_with_provider(crate::hbone::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("TLS 1.3")?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .context("the serving certificate")?;
-        let mut tls = tls;
-        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = crate::grpc::server_tls(chain, key).context("the serving certificate")?;
         let metrics = Arc::new(metrics::CaMetrics::new());
         let reviewer: Arc<dyn authn::TokenReviewer> =
             Arc::new(authn::CachedReviewer::new(reviewer));
@@ -92,7 +85,7 @@ impl CaService {
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let addr = listener.local_addr()?;
-        let incoming = crate::grpc::tls_incoming(listener, Arc::new(tls));
+        let incoming = crate::grpc::tls_incoming(listener, tls);
         let server =
             tonic::transport::Server::builder().serve_with_incoming(svc.into_server(), incoming);
         let mut tasks = vec![tokio::spawn(async move {

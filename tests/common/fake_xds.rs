@@ -73,20 +73,17 @@ impl FakeIstiod {
         let cert = params.self_signed(&key).unwrap();
         let root_cert = dir.path().join("root-cert.pem");
         std::fs::write(&root_cert, cert.pem()).unwrap();
-        let mut tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = weft::grpc::server_tls(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Shared::default();
         let (tx, requests) = mpsc::unbounded_channel();
         *shared.requests.lock().unwrap() = Some(tx);
-        let incoming = weft::grpc::tls_incoming(listener, Arc::new(tls));
+        let incoming = weft::grpc::tls_incoming(listener, tls);
         let service = AggregatedDiscoveryServiceServer::new(shared.clone());
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
