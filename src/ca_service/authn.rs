@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
@@ -25,7 +27,7 @@ pub struct Caller {
     pub pod: Option<BoundPod>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BoundPod {
     pub name: String,
     pub uid: String,
@@ -195,6 +197,25 @@ impl PodDirectory for KubeApi {
     }
 }
 
+impl PodDirectory for std::sync::Arc<dyn PodDirectory> {
+    fn node_of<'a>(
+        &'a self,
+        namespace: &'a str,
+        pod: &'a BoundPod,
+    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+        (**self).node_of(namespace, pod)
+    }
+
+    fn runs_on<'a>(
+        &'a self,
+        namespace: &'a str,
+        service_account: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        (**self).runs_on(namespace, service_account, node)
+    }
+}
+
 impl TokenReviewer for std::sync::Arc<dyn TokenReviewer> {
     fn review<'a>(
         &'a self,
@@ -205,38 +226,67 @@ impl TokenReviewer for std::sync::Arc<dyn TokenReviewer> {
     }
 }
 
-/// How long a review's answer is reused for the same token. A node agent asks for many pods'
-/// certificates with one token (a node starting up: one request per pod), and each review is
-/// an API round trip; a token revoked meanwhile (its pod deleted) is honoured at most this
-/// much longer, the same order as the API server's own authentication cache.
-const REVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(10);
-/// Tokens remembered at most; beyond, expired answers are dropped, then everything.
-const REVIEW_CACHE_MAX: usize = 10_000;
+/// How long a positive answer is reused: a review for the same token, a pod of a service
+/// account on a node. A node agent asks for many pods' certificates with one token (a node
+/// starting up: one request per pod), and each answer is an API round trip; a token revoked
+/// or a pod deleted meanwhile is honoured at most this much longer, the same order as the API
+/// server's own authentication cache. Refusals are never remembered.
+const ANSWER_TTL: Duration = Duration::from_secs(10);
+/// Answers remembered at most, per kind.
+const CACHE_MAX: usize = 10_000;
 
-/// A [`TokenReviewer`] that remembers accepted tokens for [`REVIEW_TTL`]. Refusals are not
-/// remembered: a caller whose token was just rejected (or whose review failed) asks again.
-pub struct CachedReviewer<R> {
-    inner: R,
-    accepted: std::sync::Mutex<HashMap<(String, String), (Caller, std::time::Instant)>>,
+/// Remembered answers, each for [`ANSWER_TTL`], at most [`CACHE_MAX`].
+struct TtlCache<K, V> {
+    entries: Mutex<HashMap<K, (V, Instant)>>,
 }
 
-impl<R: TokenReviewer> CachedReviewer<R> {
-    pub fn new(inner: R) -> Self {
-        CachedReviewer {
-            inner,
-            accepted: std::sync::Mutex::new(HashMap::new()),
+impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
+    fn new() -> Self {
+        TtlCache {
+            entries: Mutex::new(HashMap::new()),
         }
     }
 
-    fn cached(&self, key: &(String, String)) -> Option<Caller> {
-        let map = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+    fn get(&self, key: &K) -> Option<V> {
+        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         map.get(key)
-            .filter(|(_, at)| at.elapsed() < REVIEW_TTL)
-            .map(|(c, _)| c.clone())
+            .filter(|(_, at)| at.elapsed() < ANSWER_TTL)
+            .map(|(v, _)| v.clone())
+    }
+
+    fn put(&self, key: K, value: V) {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CACHE_MAX {
+            map.retain(|_, (_, at)| at.elapsed() < ANSWER_TTL);
+            if map.len() >= CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(key, (value, Instant::now()));
     }
 }
 
-impl<R: TokenReviewer> TokenReviewer for CachedReviewer<R> {
+/// A [`TokenReviewer`] and [`PodDirectory`] that remember positive answers for
+/// [`ANSWER_TTL`]: a caller refused a moment ago (or whose lookup failed) is asked about again.
+pub struct Cached<R> {
+    inner: R,
+    reviews: TtlCache<(String, String), Caller>,
+    nodes: TtlCache<(String, BoundPod), String>,
+    present: TtlCache<(String, String, String), ()>,
+}
+
+impl<R> Cached<R> {
+    pub fn new(inner: R) -> Self {
+        Cached {
+            inner,
+            reviews: TtlCache::new(),
+            nodes: TtlCache::new(),
+            present: TtlCache::new(),
+        }
+    }
+}
+
+impl<R: TokenReviewer> TokenReviewer for Cached<R> {
     fn review<'a>(
         &'a self,
         token: &'a str,
@@ -244,19 +294,55 @@ impl<R: TokenReviewer> TokenReviewer for CachedReviewer<R> {
     ) -> BoxFuture<'a, Result<Caller, ReviewError>> {
         Box::pin(async move {
             let key = (token.to_string(), audience.to_string());
-            if let Some(c) = self.cached(&key) {
+            if let Some(c) = self.reviews.get(&key) {
                 return Ok(c);
             }
             let caller = self.inner.review(token, audience).await?;
-            let mut map = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
-            if map.len() >= REVIEW_CACHE_MAX {
-                map.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
-                if map.len() >= REVIEW_CACHE_MAX {
-                    map.clear();
-                }
-            }
-            map.insert(key, (caller.clone(), std::time::Instant::now()));
+            self.reviews.put(key, caller.clone());
             Ok(caller)
+        })
+    }
+}
+
+impl<R: PodDirectory> PodDirectory for Cached<R> {
+    fn node_of<'a>(
+        &'a self,
+        namespace: &'a str,
+        pod: &'a BoundPod,
+    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async move {
+            let key = (namespace.to_string(), pod.clone());
+            if let Some(node) = self.nodes.get(&key) {
+                return Ok(Some(node));
+            }
+            let node = self.inner.node_of(namespace, pod).await?;
+            if let Some(n) = &node {
+                self.nodes.put(key, n.clone());
+            }
+            Ok(node)
+        })
+    }
+
+    fn runs_on<'a>(
+        &'a self,
+        namespace: &'a str,
+        service_account: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let key = (
+                namespace.to_string(),
+                service_account.to_string(),
+                node.to_string(),
+            );
+            if self.present.get(&key).is_some() {
+                return Ok(true);
+            }
+            let present = self.inner.runs_on(namespace, service_account, node).await?;
+            if present {
+                self.present.put(key, ());
+            }
+            Ok(present)
         })
     }
 }
@@ -288,9 +374,60 @@ mod tests {
         }
     }
 
+    impl PodDirectory for Counting {
+        fn node_of<'a>(
+            &'a self,
+            _namespace: &'a str,
+            pod: &'a BoundPod,
+        ) -> BoxFuture<'a, Result<Option<String>, String>> {
+            Box::pin(async move {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Ok((pod.name == "scheduled").then(|| "node-a".to_string()))
+            })
+        }
+
+        fn runs_on<'a>(
+            &'a self,
+            _namespace: &'a str,
+            service_account: &'a str,
+            _node: &'a str,
+        ) -> BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async move {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Ok(service_account == "present")
+            })
+        }
+    }
+
     #[tokio::test]
-    async fn accepted_tokens_are_reviewed_once_refusals_every_time() {
-        let r = CachedReviewer::new(Counting(AtomicUsize::new(0)));
+    async fn pod_answers_are_remembered_only_when_positive() {
+        let p = Cached::new(Counting(AtomicUsize::new(0)));
+        let pod = |name: &str| BoundPod {
+            name: name.into(),
+            uid: "u".into(),
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                p.node_of("ns", &pod("scheduled")).await.unwrap().as_deref(),
+                Some("node-a")
+            );
+            assert!(p.runs_on("ns", "present", "node-a").await.unwrap());
+        }
+        assert_eq!(p.inner.0.load(Ordering::SeqCst), 2);
+        for _ in 0..2 {
+            assert_eq!(p.node_of("ns", &pod("pending")).await.unwrap(), None);
+            assert!(!p.runs_on("ns", "absent", "node-a").await.unwrap());
+        }
+        assert_eq!(
+            p.inner.0.load(Ordering::SeqCst),
+            6,
+            "negative answers are asked again"
+        );
+    }
+
+    #[tokio::test]
+    async fn accepted_tokens_are_reviewed_once_and_refusals_every_time() {
+        let r = Cached::new(Counting(AtomicUsize::new(0)));
         for _ in 0..3 {
             assert_eq!(r.review("a", "aud").await.unwrap().service_account, "a");
         }

@@ -72,8 +72,8 @@ impl CaService {
             .context("issuing the service's own certificate")?;
         let tls = crate::grpc::server_tls(chain, key).context("the serving certificate")?;
         let metrics = Arc::new(metrics::CaMetrics::new());
-        let reviewer: Arc<dyn authn::TokenReviewer> =
-            Arc::new(authn::CachedReviewer::new(reviewer));
+        let reviewer: Arc<dyn authn::TokenReviewer> = Arc::new(authn::Cached::new(reviewer));
+        let pods: Arc<dyn authn::PodDirectory> = Arc::new(authn::Cached::new(pods));
         let svc = service::Service::new(
             settings.clone(),
             Arc::new(ca),
