@@ -26,7 +26,7 @@ async fn bad_edit_keeps_last_good_config() {
 
     // Line 8 (the first `protocol:`) gets a typo in its field name.
     let bad = good.replacen("  protocol: HBONE", "  protocl: HBONE", 1);
-    std::fs::write(&cfg, &bad).unwrap();
+    replace_file(&cfg, &bad);
     let path = cfg.display().to_string();
     eventually("rejection logged", || {
         logs.lines_with("config rejected")
@@ -48,7 +48,7 @@ async fn bad_edit_keeps_last_good_config() {
 
     // A good edit: the server workload is removed.
     let trimmed: String = good.split("- uid: server-uid").next().unwrap().to_string();
-    std::fs::write(&cfg, trimmed).unwrap();
+    replace_file(&cfg, trimmed);
     eventually("good edit applied", || {
         node.ctx.state.snapshot().workloads.len() == 1
     })

@@ -126,7 +126,9 @@ async fn half_close_travels_both_ways() {
         .await
         .unwrap();
     let saddr = server.local_addr().unwrap();
-    tokio::spawn(async move {
+    // The server reports what it read on each connection; the test body asserts on it, and
+    // awaiting the handle brings any panic in the task (a failed accept, read or write) here.
+    let server = tokio::spawn(async move {
         let (mut s, _) = server.accept().await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
@@ -140,7 +142,7 @@ async fn half_close_travels_both_ways() {
         s.shutdown().await.unwrap();
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, b"late words");
+        (got, rest)
     });
     let (_fwd, entry) = forward(&a, "client-uid", ip(subnet, 2), saddr);
 
@@ -166,8 +168,21 @@ async fn half_close_travels_both_ways() {
     assert_eq!(n, 0, "server's FIN reached the client");
     c.write_all(b"late words").await.unwrap();
     c.shutdown().await.unwrap();
-    // Let the server task assert what it read.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (got, rest) = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server task finished in time")
+        .expect("server task did not panic");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "12345",
+        "first connection: what the server read before the FIN"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "late words",
+        "second connection: what the server read after its own FIN"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

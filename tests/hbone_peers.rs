@@ -279,21 +279,36 @@ async fn garbage_does_not_disturb_other_tunnels() {
     assert_eq!(status, StatusCode::OK);
     let (mut tx, mut rx) = stream.unwrap();
 
+    // What refusing a non-TLS peer looks like on the wire: one TLS record of type alert (21),
+    // version 3.3, length 2, level fatal (2), description decode_error (50); then the server
+    // closes cleanly. Anything else (no answer, a reset, HTTP, the junk echoed back by a
+    // passthrough) is wrong.
+    const DECODE_ERROR_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 50];
+    let logs = logs();
     for junk in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],
         &[0u8; 64][..],
         &[0x16, 3, 1, 0xff, 0xff, 1, 2, 3][..],
     ] {
         let mut s = TcpStream::connect(f.hbone).await.unwrap();
+        let me = s.local_addr().unwrap();
         s.write_all(junk).await.unwrap();
         let mut buf = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
             .await
-            .unwrap();
-        assert!(
-            r.is_err() || !buf.starts_with(b"HTTP/1.1 200"),
-            "garbage was not refused"
+            .unwrap_or_else(|_| panic!("{junk:?}: the server did not close the connection"))
+            .unwrap_or_else(|e| panic!("{junk:?}: closed with an error, not an alert: {e}"));
+        assert_eq!(
+            buf, DECODE_ERROR_ALERT,
+            "{junk:?}: the answer is a fatal TLS decode_error alert and nothing else"
         );
+        let peer = format!("peer={me}");
+        eventually("the refusal of the garbage logged", || {
+            logs.lines_with("HBONE connection refused")
+                .iter()
+                .any(|l| l.contains(&peer))
+        })
+        .await;
     }
 
     // The tunnel opened before the garbage still works.

@@ -190,7 +190,7 @@ async fn unenroll_releases_reenroll_is_idempotent_and_restart_takes_over() {
     let released = lab
         .config("")
         .replace(&format!("  netns: {}\n", lab.netns_path("a1")), "");
-    std::fs::write(&cfg, released).unwrap();
+    replace_file(&cfg, released);
     eventually("a1 released", || lab.ruleset("a1").is_none()).await;
     assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 0);
     assert_eq!(
@@ -200,7 +200,7 @@ async fn unenroll_releases_reenroll_is_idempotent_and_restart_takes_over() {
     assert_eq!(b1.next_peer(), "10.250.1.2");
 
     // Re-enroll: the same rules, once.
-    std::fs::write(&cfg, lab.config("")).unwrap();
+    replace_file(&cfg, lab.config(""));
     eventually("a1 captured again", || lab.ruleset("a1").is_some()).await;
     assert_eq!(lab.ruleset("a1").unwrap(), rules);
 
@@ -265,32 +265,29 @@ async fn policy_allows_denies_and_revokes_live_connections() {
 
     // A live connection from a1, then a policy that denies a1 too: it is closed.
     let lab = std::sync::Arc::new(lab);
-    let held = {
+    let held = JoinOnDrop(Some({
         let lab = lab.clone();
         std::thread::spawn(move || lab.send_holding("a1", "10.250.2.2", 8080, "held", 6.0))
-    };
-    let m = || async { scrape(b.metrics_addr).await };
-    for _ in 0..100 {
-        if metric(
-            &m().await,
-            "istio_tcp_connections_opened_total",
-            &[
-                "reporter=\"destination\"",
-                &format!("source_principal=\"{CLIENT}\""),
-            ],
-        ) == Some(2.0)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    }));
+    // The held connection must be open at b before the policy changes, or the test would not
+    // be revoking a live connection: wait for it, and fail if it never arrives.
+    eventually_metric(
+        b.metrics_addr,
+        "istio_tcp_connections_opened_total",
+        &[
+            "reporter=\"destination\"",
+            &format!("source_principal=\"{CLIENT}\""),
+        ],
+        2.0,
+    )
+    .await;
     let deny_all = deny_other.replace(
         "[{Exact: cluster.local/ns/shop/sa/other}]",
         "[{Prefix: cluster.local/ns/shop/}]",
     );
-    std::fs::write(&cfg, lab.config(&deny_all)).unwrap();
+    replace_file(&cfg, lab.config(&deny_all));
     let started = std::time::Instant::now();
-    let r = held.join().unwrap();
+    let r = held.join();
     let r = r.expect_err("the revoked connection must not complete normally");
     assert!(r.starts_with("error"), "{r}");
     assert!(
@@ -298,7 +295,31 @@ async fn policy_allows_denies_and_revokes_live_connections() {
         "closed by the policy change, not by the client"
     );
     assert_eq!(
-        metric(&m().await, "weft_connections_closed_by_policy_total", &[]),
+        metric(
+            &scrape(b.metrics_addr).await,
+            "weft_connections_closed_by_policy_total",
+            &[]
+        ),
         Some(1.0)
     );
+}
+
+/// A thread that is joined even when the test fails first: the thread holds the lab, and the lab
+/// (its namespaces and app processes) is only torn down once every holder has let go of it,
+/// which a thread still running when the test process exits never does.
+struct JoinOnDrop<T>(Option<std::thread::JoinHandle<T>>);
+
+impl<T> JoinOnDrop<T> {
+    fn join(mut self) -> T {
+        let h = self.0.take().expect("joined once");
+        h.join().expect("the thread did not panic")
+    }
+}
+
+impl<T> Drop for JoinOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
 }

@@ -34,13 +34,14 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Returns early (passing) when the test cannot run here.
+/// Fails the test where it cannot run: these tests need root for network namespaces, and a
+/// skip would let a broken CI pass.
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("skipping: needs root to create network namespaces");
-            return;
-        }
+        assert!(
+            is_root(),
+            "needs root to create network namespaces (run the suite as root: scripts/test.sh)"
+        );
     };
 }
 

@@ -113,6 +113,17 @@ pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
     p
 }
 
+/// Replaces a file a running node watches, atomically: the new content goes to a temporary
+/// file in the same directory, which is then renamed over `path`. A reader sees the old file or
+/// the new one, never a truncated or half-written one (which `std::fs::write` would expose).
+pub fn replace_file(path: &Path, contents: impl AsRef<[u8]>) {
+    let dir = path.parent().expect("the file has a directory");
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).expect("temporary file");
+    tmp.write_all(contents.as_ref())
+        .expect("write the temporary file");
+    tmp.persist(path).expect("rename over the watched file");
+}
+
 pub async fn start_node(node: &str, config: &Path) -> Node {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     logs();
