@@ -236,6 +236,11 @@ pub fn tls_incoming(
             if tx.is_closed() {
                 return;
             }
+            // One small request, one small answer: without this the reply waits for the
+            // client's delayed ACK (tens of milliseconds per sequential call).
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "gRPC server: TCP_NODELAY");
+            }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
