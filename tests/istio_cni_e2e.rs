@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::apiserver::ApiServer;
@@ -165,21 +164,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
 
     // The agent restarts while a1 holds a connection open: weft reconnects, the snapshot keeps
     // both pods, and the held connection carries on.
-    let held = {
-        let ns = lab.ns("a1");
-        std::thread::spawn(move || {
-            let out = Command::new("timeout")
-                .args(["30", "ip", "netns", "exec", &ns, "python3"])
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/fixtures/tcp_tool.py"
-                ))
-                .args(["send", "10.250.2.2", "8080", "held", "4"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        })
-    };
+    let held = lab.send_in_background("a1", "10.250.2.2", 8080, "held", 4.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let snapshots = || logs.lines_with("ZDS: snapshot received").len();
     let before = snapshots();
@@ -189,8 +174,8 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
     })
     .await;
     assert_eq!(
-        held.join().unwrap(),
-        "reply held",
+        held.join(),
+        Ok("held".into()),
         "held connection survived the restart"
     );
     let dump = config_dump(&a).await;

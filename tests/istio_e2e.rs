@@ -332,11 +332,7 @@ async fn weft_runs_under_a_real_istiod() {
 
     // A policy created in the API reaches weft through istiod and denies; a live connection
     // it denies is closed.
-    let lab = Arc::new(lab);
-    let held = {
-        let lab = lab.clone();
-        std::thread::spawn(move || lab.send_holding("a1", "10.250.2.2", 8080, "held", 20.0))
-    };
+    let held = lab.send_in_background("a1", "10.250.2.2", 8080, "held", 20.0);
     b1.next_peer();
     api.apply_yaml(DENY_CLIENT);
     let took = wait_for("the policy reaches node B", Duration::from_secs(30), || {
@@ -345,7 +341,7 @@ async fn weft_runs_under_a_real_istiod() {
     .await;
     eprintln!("FIGURE AuthorizationPolicy created -> held by weft: {took:?}");
     let t0 = Instant::now();
-    let r = held.join().expect("client thread");
+    let r = held.join();
     assert!(r.is_err(), "the live connection must be closed: {r:?}");
     assert!(t0.elapsed() < Duration::from_secs(15), "closed promptly");
     assert!(

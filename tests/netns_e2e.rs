@@ -264,11 +264,7 @@ async fn policy_allows_denies_and_revokes_live_connections() {
     .await;
 
     // A live connection from a1, then a policy that denies a1 too: it is closed.
-    let lab = std::sync::Arc::new(lab);
-    let held = JoinOnDrop(Some({
-        let lab = lab.clone();
-        std::thread::spawn(move || lab.send_holding("a1", "10.250.2.2", 8080, "held", 6.0))
-    }));
+    let held = lab.send_in_background("a1", "10.250.2.2", 8080, "held", 6.0);
     // The held connection must be open at b before the policy changes, or the test would not
     // be revoking a live connection: wait for it, and fail if it never arrives.
     eventually_metric(
@@ -302,24 +298,4 @@ async fn policy_allows_denies_and_revokes_live_connections() {
         ),
         Some(1.0)
     );
-}
-
-/// A thread that is joined even when the test fails first: the thread holds the lab, and the lab
-/// (its namespaces and app processes) is only torn down once every holder has let go of it,
-/// which a thread still running when the test process exits never does.
-struct JoinOnDrop<T>(Option<std::thread::JoinHandle<T>>);
-
-impl<T> JoinOnDrop<T> {
-    fn join(mut self) -> T {
-        let h = self.0.take().expect("joined once");
-        h.join().expect("the thread did not panic")
-    }
-}
-
-impl<T> Drop for JoinOnDrop<T> {
-    fn drop(&mut self) {
-        if let Some(h) = self.0.take() {
-            let _ = h.join();
-        }
-    }
 }

@@ -263,21 +263,7 @@ async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
 
     // The node agent restarts while a1 holds a connection: weft reconnects; a Keep for a1 and
     // a snapshot without a2 release only a2, and a1's open connection carries on.
-    let held = {
-        let lab_ns = lab.ns("a1");
-        std::thread::spawn(move || {
-            let out = Command::new("timeout")
-                .args(["30", "ip", "netns", "exec", &lab_ns, "python3"])
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/fixtures/tcp_tool.py"
-                ))
-                .args(["send", "10.250.2.2", "8080", "held", "3"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        })
-    };
+    let held = lab.send_in_background("a1", "10.250.2.2", 8080, "held", 3.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(conn);
     let conn = agent.accept();
@@ -293,11 +279,7 @@ async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
     // An Add of a pod weft already serves, in the same namespace, changes nothing.
     assert_eq!(conn.add("uid-a1", "a1", "client", &a1_ns), "");
     assert_eq!(conn.send(Payload::SnapshotSent(SnapshotSent {}), &[]), "");
-    assert_eq!(
-        held.join().unwrap(),
-        "reply held",
-        "held connection survived"
-    );
+    assert_eq!(held.join(), Ok("held".into()), "held connection survived");
     let dump = http_get(a.admin_addr, "/config_dump").await;
     assert!(
         dump.contains("zds:shop/a1") && !dump.contains("zds:shop/a2"),

@@ -116,17 +116,24 @@ impl Lab {
         msg: &str,
         hold: f64,
     ) -> Result<String, String> {
-        let out = Command::new("timeout")
-            .args(["30", "ip", "netns", "exec", &self.ns(pod), "python3"])
-            .arg(repo().join("tests/fixtures/tcp_tool.py"))
-            .args(["send", host, &port.to_string(), msg, &hold.to_string()])
-            .output()
-            .expect("run client");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        match text.strip_prefix("reply ") {
-            Some(r) if out.status.success() => Ok(r.to_string()),
-            _ => Err(text),
-        }
+        send_from(&self.ns(pod), host, port, msg, hold)
+    }
+
+    /// [`Lab::send_holding`] on its own thread, for a connection that stays open while the
+    /// test does something else. The thread is joined even when the test fails first, so the
+    /// lab is always torn down after it.
+    pub fn send_in_background(
+        &self,
+        pod: &str,
+        host: &str,
+        port: u16,
+        msg: &str,
+        hold: f64,
+    ) -> Held {
+        let (ns, host, msg) = (self.ns(pod), host.to_string(), msg.to_string());
+        Held(Some(std::thread::spawn(move || {
+            send_from(&ns, &host, port, &msg, hold)
+        })))
     }
 
     /// `nft list table inet weft` in a pod, or None when absent.
@@ -172,6 +179,40 @@ impl Lab {
             captured("a2", "other", "10.250.1.3", "a"),
             captured("b1", "server", "10.250.2.2", "b"),
         )
+    }
+}
+
+/// A client connection running on its own thread ([`Lab::send_in_background`]).
+pub struct Held(Option<std::thread::JoinHandle<Result<String, String>>>);
+
+impl Held {
+    /// The reply, as [`Lab::send`] gives it.
+    pub fn join(mut self) -> Result<String, String> {
+        let h = self.0.take().expect("joined once");
+        h.join().expect("the client thread did not panic")
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One client connection from inside netns `ns` (tests/fixtures/tcp_tool.py).
+fn send_from(ns: &str, host: &str, port: u16, msg: &str, hold: f64) -> Result<String, String> {
+    let out = Command::new("timeout")
+        .args(["30", "ip", "netns", "exec", ns, "python3"])
+        .arg(repo().join("tests/fixtures/tcp_tool.py"))
+        .args(["send", host, &port.to_string(), msg, &hold.to_string()])
+        .output()
+        .expect("run client");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match text.strip_prefix("reply ") {
+        Some(r) if out.status.success() => Ok(r.to_string()),
+        _ => Err(text),
     }
 }
 
