@@ -42,6 +42,21 @@ async fn bad_edit_keeps_last_good_config() {
         ),
         Some(1.0)
     );
+    // The bad file stays for a few watch periods: it is rejected once, not every second.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        logs.lines_with("config rejected").len(),
+        1,
+        "one rejection per change"
+    );
+    assert_eq!(
+        metric(
+            &scrape(node.metrics_addr).await,
+            "weft_config_reloads_total",
+            &rejected
+        ),
+        Some(1.0)
+    );
     let snap = node.ctx.state.snapshot();
     assert_eq!(snap.workloads.len(), 2, "last good state stays");
     assert!(snap.workload_by_uid("client-uid").is_some());

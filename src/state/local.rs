@@ -39,6 +39,12 @@ pub enum LocalConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: {size} bytes, more than the {limit} a configuration file may have")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("{path}:{line}:{column}: {message}")]
     Syntax {
         path: PathBuf,
@@ -381,13 +387,62 @@ fn workload(w: LocalWorkload, defaults: &Defaults) -> Result<(Workload, ServiceP
 }
 
 /// Reads and parses the file; also returns its bytes so [`watch`] starts from them.
+/// Largest configuration file weft reads. 10 000 workloads with their policies take a few
+/// MiB; a file far beyond that is a mistake or an attack, and parsing it would cost many times
+/// its size in memory.
+pub const MAX_CONFIG_BYTES: u64 = 32 * 1024 * 1024;
+
 pub fn load(path: &Path, defaults: &Defaults) -> Result<(SourceData, Vec<u8>), LocalConfigError> {
-    let bytes = std::fs::read(path).map_err(|source| LocalConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes = read_bounded(path)?;
     let file = parse(&String::from_utf8_lossy(&bytes), path, defaults)?;
     Ok((accept(file), bytes))
+}
+
+/// Reads the file, refusing one over [`MAX_CONFIG_BYTES`] before reading it (and, should it
+/// grow meanwhile, without reading more than the limit).
+fn read_bounded(path: &Path) -> Result<Vec<u8>, LocalConfigError> {
+    use std::io::Read;
+    let read_err = |source| LocalConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let too_large = |size| LocalConfigError::TooLarge {
+        path: path.to_owned(),
+        size,
+        limit: MAX_CONFIG_BYTES,
+    };
+    if size > MAX_CONFIG_BYTES {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// What says a file changed without reading it: size, modification time, inode (an atomic
+/// replace is a new inode with the same size and, within a second, the same time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    ino: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        len: m.len(),
+        modified: m.modified().ok(),
+        ino: m.ino(),
+    })
 }
 
 /// Reports what was left out of a good file, and hands over the rest.
@@ -423,39 +478,71 @@ pub async fn watch(
     loaded: Vec<u8>,
 ) {
     let mut last = Some(loaded);
+    let mut seen = stamp(&path);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) => {
-                if last.is_some() {
-                    error!(path = %path.display(), error = %e, "config file unreadable; keeping the last good config");
-                }
-                continue;
+        // A stat a second; the file is read and parsed (on the blocking pool) only when it
+        // changed, so a bad or huge file left in place costs nothing after its one rejection.
+        let (p, d) = (path.clone(), defaults.clone());
+        let known = last.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = stamp(&p);
+            if now == seen {
+                return (now, None);
             }
-        };
-        if last.as_ref() == Some(&bytes) {
+            let outcome = match read_bounded(&p) {
+                Ok(bytes) if known.as_ref() == Some(&bytes) => None,
+                Ok(bytes) => {
+                    let parsed = parse(&String::from_utf8_lossy(&bytes), &p, &d);
+                    Some((Some(bytes), parsed))
+                }
+                Err(e) => Some((None, Err(e))),
+            };
+            (now, outcome)
+        })
+        .await;
+        let Ok((now, outcome)) = checked else {
             continue;
-        }
-        let text = String::from_utf8_lossy(&bytes);
-        match parse(&text, &path, &defaults) {
-            Ok(file) => {
+        };
+        seen = now;
+        match outcome {
+            None => {}
+            Some((bytes, Ok(file))) => {
                 store.replace_source(SOURCE, accept(file));
                 observer.reloaded(true);
+                last = bytes;
             }
-            Err(e) => {
+            Some((bytes, Err(e))) => {
                 error!(error = %e, "config rejected; keeping the last good config");
                 observer.reloaded(false);
+                // The rejected bytes are what "changed" is measured from next time.
+                if bytes.is_some() {
+                    last = bytes;
+                }
             }
         }
-        last = Some(bytes);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        let f = std::fs::File::create(&path).unwrap();
+        // Sparse: the size is there without writing 32 MiB.
+        f.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+        match load(&path, &defaults()) {
+            Err(LocalConfigError::TooLarge { size, limit, .. }) => {
+                assert_eq!((size, limit), (MAX_CONFIG_BYTES + 1, MAX_CONFIG_BYTES))
+            }
+            other => panic!("expected TooLarge, got {:?}", other.map(|_| ())),
+        }
+    }
 
     fn defaults() -> Defaults {
         Defaults {
