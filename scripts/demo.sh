@@ -75,8 +75,11 @@ say "capture rules weft installed inside pod a1 (nft list table inet weft)"
 ip netns exec "$lab-a1" nft list table inet weft | sed -n '1,12p'; echo "    ..."
 
 app() { ip netns exec "$lab-$1" python3 -u "$repo/tests/fixtures/tcp_tool.py" "${@:2}"; }
-app b1 serve 8080 >"$work/b1.app" & pids+=($!)
-app b2 serve 8080 >"$work/b2.app" & pids+=($!)
+# A server in the background: exec, so the PID recorded is the server's own (ip netns exec
+# execs python) and cleanup's kill reaches it, not a subshell that would leave it running.
+serve() { exec ip netns exec "$lab-$1" python3 -u "$repo/tests/fixtures/tcp_tool.py" serve "$2"; }
+serve b1 8080 >"$work/b1.app" & pids+=($!)
+serve b2 8080 >"$work/b2.app" & pids+=($!)
 sleep 0.5
 
 say "a1 (shop/frontend) -> b1:8080 on the other node: HBONE, mTLS, allowed"
