@@ -111,14 +111,6 @@ async fn start_cni_node(config: &Path, cni: &CniServerSettings) -> Node {
     .expect("node a starts")
 }
 
-fn inbound_from_client(logs: &LogBuffer) -> usize {
-    logs.lines_with("direction=\"inbound\"")
-        .iter()
-        .filter(|l| l.contains("dst.addr=10.250.2.2:8080"))
-        .filter(|l| l.contains(&format!("src.identity=\"{CLIENT}\"")))
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_cni_captures_before_the_pod_starts_and_releases_on_del() {
     let logs = logs();
@@ -196,14 +188,14 @@ async fn weft_cni_captures_before_the_pod_starts_and_releases_on_del() {
         "weft's rules are in place when ADD returns"
     );
     // The pod's very first connection: over HBONE, with its identity at the destination.
-    assert_eq!(inbound_from_client(&logs), 0);
+    assert_eq!(logs.inbound_to_from("10.250.2.2:8080", CLIENT), 0);
     assert_eq!(
         lab.send("a1", "10.250.2.2", 8080, "first"),
         Ok("first".into())
     );
     assert_eq!(b1.next_peer(), "10.250.1.2");
     eventually("inbound log of connection one", || {
-        inbound_from_client(&logs) == 1
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 1
     })
     .await;
     let check = plugin.call("CHECK");
@@ -224,7 +216,7 @@ async fn weft_cni_captures_before_the_pod_starts_and_releases_on_del() {
         Ok("after-restart".into())
     );
     eventually("inbound log after restart", || {
-        inbound_from_client(&logs) == 2
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 2
     })
     .await;
     assert_eq!(plugin.call("CHECK").code, 0);
@@ -254,7 +246,11 @@ async fn weft_cni_captures_before_the_pod_starts_and_releases_on_del() {
         lab.send("a1", "10.250.2.2", 8080, "plain"),
         Ok("plain".into())
     );
-    assert_eq!(inbound_from_client(&logs), 2, "no HBONE after DEL");
+    assert_eq!(
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT),
+        2,
+        "no HBONE after DEL"
+    );
 
     // Malformed input: CNI errors, never a crash, and weft keeps serving.
     let garbage = plugin.run("ADD", b"{not json");

@@ -57,14 +57,6 @@ fn set_running(api: &ApiServer, name: &str, ip: &str) -> String {
     .to_string()
 }
 
-fn inbound_from(logs: &LogBuffer, identity: &str) -> usize {
-    logs.lines_with("direction=\"inbound\"")
-        .iter()
-        .filter(|l| l.contains("dst.addr=10.250.2.2:8080"))
-        .filter(|l| l.contains(&format!("src.identity=\"{identity}\"")))
-        .count()
-}
-
 async fn start_weft(cfg: &std::path::Path, cni: &IstioCni) -> Node {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     Node::start(
@@ -156,7 +148,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
     );
     assert_eq!(b1.next_peer(), "10.250.1.2");
     eventually("a1's first connection arrives with its identity", || {
-        inbound_from(&logs, CLIENT) == 1
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 1
     })
     .await;
     let dump = config_dump(&a).await;
@@ -185,7 +177,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
         Ok("cni-2".into())
     );
     eventually("a1 still captured after the restart", || {
-        inbound_from(&logs, CLIENT) == 3
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 3
     })
     .await;
 
@@ -208,7 +200,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
         Ok("cni-3".into())
     );
     eventually("a1 captured by the new weft", || {
-        inbound_from(&logs, CLIENT) == 4
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 4
     })
     .await;
 

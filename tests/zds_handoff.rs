@@ -151,14 +151,6 @@ fn agent_rules(lab: &Lab, pod: &str) {
     assert!(child.wait().unwrap().success(), "stand-in rules installed");
 }
 
-fn inbound_from(logs: &LogBuffer, identity: &str) -> usize {
-    logs.lines_with("direction=\"inbound\"")
-        .iter()
-        .filter(|l| l.contains("dst.addr=10.250.2.2:8080"))
-        .filter(|l| l.contains(&format!("src.identity=\"{identity}\"")))
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
     let logs = logs();
@@ -203,18 +195,7 @@ async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
     assert_eq!(conn.add("uid-a1", "a1", "client", &a1_ns), "");
     assert_eq!(conn.add("uid-a2", "a2", "other", &a2_ns), "");
     assert_eq!(conn.send(Payload::SnapshotSent(SnapshotSent {}), &[]), "");
-    eventually("ready after the snapshot", || {
-        std::process::Command::new("curl")
-            .args([
-                "-sf",
-                "-o",
-                "/dev/null",
-                &format!("http://{}/healthz/ready", a.readiness_addr),
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-    .await;
+    eventually("ready after the snapshot", || a.readiness.is_ready()).await;
     assert!(
         lab.ruleset("a1").is_none(),
         "weft installs no rules under the CNI agent"
@@ -226,7 +207,10 @@ async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
         Ok("zds-1".into())
     );
     assert_eq!(b1.next_peer(), "10.250.1.2");
-    eventually("a1's connection at b1", || inbound_from(&logs, CLIENT) == 1).await;
+    eventually("a1's connection at b1", || {
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 1
+    })
+    .await;
 
     // Bad requests: each refused with a reason, the connection and the pods unaffected.
     let regular = File::open("/proc/self/status").unwrap();
@@ -259,7 +243,10 @@ async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
         lab.send("a1", "10.250.2.2", 8080, "zds-2"),
         Ok("zds-2".into())
     );
-    eventually("a1 still served", || inbound_from(&logs, CLIENT) == 2).await;
+    eventually("a1 still served", || {
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 2
+    })
+    .await;
 
     // The node agent restarts while a1 holds a connection: weft reconnects; a Keep for a1 and
     // a snapshot without a2 release only a2, and a1's open connection carries on.
@@ -305,7 +292,7 @@ async fn pods_handed_over_zds_are_served_released_and_kept_across_reconnects() {
     assert!(!dump.contains("zds:shop/a1"), "{dump}");
     assert!(lab.send("a1", "10.250.2.2", 8080, "after-del").is_err());
     assert_eq!(
-        inbound_from(&logs, CLIENT),
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT),
         3,
         "only the held connection was added"
     );

@@ -57,6 +57,18 @@ impl LogBuffer {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// Inbound access-log lines for connections to `dst` (`ip:port`) from `identity`.
+    pub fn inbound_to_from(&self, dst: &str, identity: &str) -> usize {
+        let (dst, src) = (
+            format!("dst.addr={dst}"),
+            format!("src.identity=\"{identity}\""),
+        );
+        self.lines_with("direction=\"inbound\"")
+            .iter()
+            .filter(|l| l.contains(&dst) && l.contains(&src))
+            .count()
+    }
+
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
         let text = String::from_utf8_lossy(&self.0.lock().unwrap()).to_string();
         text.lines()
