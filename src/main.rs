@@ -527,7 +527,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Version => {
-            println!("weft {}", env!("CARGO_PKG_VERSION"));
+            // The revision: build.rs (git HEAD, or WEFT_GIT_REVISION for an exported tree).
+            println!(
+                "weft {} (git {})",
+                env!("CARGO_PKG_VERSION"),
+                env!("WEFT_GIT_REVISION")
+            );
             Ok(())
         }
     }
