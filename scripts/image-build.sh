@@ -20,6 +20,7 @@
 #   --allow-drift     the mirror's package set may differ from image/packages.lock: say so
 #                     and go on (the test suite: a Debian point release must not fail it)
 #   --update-lock     write the package set resolved now into image/packages.lock
+#   --rootfs-only     only make (or find) the cached root filesystem, build no image
 #   --no-cache        make the root filesystem anew (debootstrap) even if it is cached
 #   --tag NAME:TAG    the image's name (default: weft:VERSION)
 #
@@ -53,7 +54,7 @@ RECIPE_FILES=("$ROOT/scripts/image-build.sh" "$ROOT/image/packages.lock" "$ROOT/
 log() { printf 'image-build: %s\n' "$*" >&2; }
 die() { printf 'image-build: error: %s\n' "$*" >&2; exit 1; }
 
-revision_arg="" out="$ROOT/target/image" rev=HEAD binaries="" without="" allow_drift=0 update_lock=0 no_cache=0 tag=""
+revision_arg="" out="$ROOT/target/image" rev=HEAD binaries="" without="" allow_drift=0 update_lock=0 no_cache=0 tag="" rootfs_only=0
 while (($#)); do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -64,6 +65,7 @@ while (($#)); do
     --allow-drift) allow_drift=1; shift ;;
     --update-lock) update_lock=1; shift ;;
     --no-cache) no_cache=1; shift ;;
+    --rootfs-only) rootfs_only=1; shift ;;
     --tag) tag="$2"; shift 2 ;;
     -h | --help) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (--help)" ;;
@@ -75,7 +77,7 @@ out="$(cd "$out" && pwd)"
 
 # --- tools -------------------------------------------------------------------------------
 need=()
-for t in debootstrap:debootstrap umoci:umoci skopeo:skopeo strip:binutils zstd:zstd; do
+for t in debootstrap:debootstrap umoci:umoci skopeo:skopeo strip:binutils python3:python3; do
   command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t##*:}")
 done
 if ((${#need[@]})); then
@@ -96,7 +98,9 @@ export SOURCE_DATE_EPOCH="$epoch"
 bins="$out/bin"
 rm -rf "$bins"
 mkdir -p "$bins"
-if [[ -n $binaries ]]; then
+if ((rootfs_only)); then
+  revision="$commit"
+elif [[ -n $binaries ]]; then
   for b in weft weft-cni; do
     [[ -x $binaries/$b ]] || die "no $b in $binaries"
     strip --strip-all -o "$bins/$b" "$binaries/$b"
@@ -255,6 +259,10 @@ else
   log "root filesystem from the cache: $rootfs_tar"
 fi
 exec 9>&-
+if ((rootfs_only)); then
+  echo "IMAGE_ROOTFS=$rootfs_tar"
+  exit 0
+fi
 
 # --- assemble ------------------------------------------------------------------------------
 work="$(mktemp -d "$CACHE/image/work.XXXXXX")"
@@ -359,7 +367,7 @@ layer_bytes="$(python3 -c 'import json,sys; print(sum(l["size"] for l in json.lo
 (
   cd "$bundle/rootfs"
   printf 'image %s (%s)\ncompressed (the layer, gzip): %s bytes = %.1f MB\nuncompressed: %s\n\n' \
-    "$tag" "$manifest_digest" "$layer_bytes" "$(echo "$layer_bytes / 1000000" | bc -l)" "$(du -sh --apparent-size . | cut -f1)"
+    "$tag" "$manifest_digest" "$layer_bytes" "$(awk -v b="$layer_bytes" 'BEGIN { print b / 1000000 }')" "$(du -sh --apparent-size . | cut -f1)"
   echo "what takes the space (each part gzip-compressed on its own, bytes; files of the Debian packages per package)"
   gz() { tar --no-recursion --null -T - -cf - 2>/dev/null | gzip -n -6 | wc -c; }
   printf '%10s  %s\n' "$(printf 'usr/local/bin/weft\0' | gz)" "weft"

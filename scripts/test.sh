@@ -25,6 +25,8 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 
 echo "== Kubernetes API server for the Kubernetes tests (built once, then cached)"
 bash scripts/k8s-testenv.sh install >/dev/null
+echo "== container image tests: podman, the Debian root filesystem, helm (built once, then cached)"
+bash scripts/image-smoke.sh --prepare
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
