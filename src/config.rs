@@ -16,6 +16,14 @@ pub struct Ports {
     pub readiness: u16,
 }
 
+impl Ports {
+    /// Whether `port` is one of weft's in-pod listeners: never the destination of a proxied
+    /// connection, since forwarding there would loop. The one own-port guard.
+    pub fn is_own(&self, port: u16) -> bool {
+        [self.outbound, self.inbound_plaintext, self.hbone].contains(&port)
+    }
+}
+
 impl Default for Ports {
     fn default() -> Self {
         Ports {
@@ -57,6 +65,52 @@ impl Default for H2Tuning {
     }
 }
 
+/// What one peer, one pod or the whole process may hold at once. Each limit has a flag, a
+/// `weft_limit_reached_total{limit}` series and a log line naming who reached it; the defaults
+/// are at least as strict as ztunnel's where it has one.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Concurrent CONNECT streams on one HBONE connection, advertised in SETTINGS (ztunnel: 200).
+    pub streams_per_connection: u32,
+    /// Largest request header list an HBONE peer may send, advertised in SETTINGS; larger
+    /// requests are answered 431 by the HTTP/2 layer (ztunnel: 64 KiB).
+    pub header_list_bytes: u32,
+    /// Bytes one stream may queue in HTTP/2 waiting for its connection's socket. A peer that
+    /// grants window but does not read can hold at most this per stream, so at most
+    /// `streams_per_connection` times this per connection.
+    pub stream_send_buffer: usize,
+    /// HBONE connections held at once, in total and from one peer address.
+    pub connections: usize,
+    pub connections_per_peer: usize,
+    /// An HBONE connection that carries no stream for this long is closed (GOAWAY).
+    pub idle_connection: Duration,
+    /// Upstream connects (to an app, or a destination outside the mesh) in progress at once,
+    /// per pod and in total.
+    pub pending_connects_per_pod: usize,
+    pub pending_connects: usize,
+    /// Bound on every connect weft makes (to apps, to tunnel peers, to destinations outside
+    /// the mesh) and on each TLS + HTTP/2 handshake.
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            streams_per_connection: 200,
+            header_list_bytes: 64 * 1024,
+            stream_send_buffer: 400 * 1024,
+            connections: 8192,
+            connections_per_peer: 512,
+            idle_connection: Duration::from_secs(120),
+            pending_connects_per_pod: 256,
+            pending_connects: 4096,
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub ports: Ports,
@@ -70,6 +124,7 @@ pub struct Settings {
     pub ca_dir: PathBuf,
     pub cert_ttl: Duration,
     pub h2: H2Tuning,
+    pub limits: Limits,
     /// Address the node-level servers (metrics, readiness) bind; admin is always loopback.
     pub node_bind: IpAddr,
     /// Connect to apps with the client's own source IP (needs IP_TRANSPARENT / CAP_NET_ADMIN).
@@ -88,6 +143,7 @@ impl Default for Settings {
             ca_dir: PathBuf::from("/etc/weft/ca"),
             cert_ttl: Duration::from_secs(24 * 3600),
             h2: H2Tuning::default(),
+            limits: Limits::default(),
             node_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             preserve_source_ip: true,
         }

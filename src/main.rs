@@ -12,7 +12,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{filter::Targets, reload};
 
 use weft::admin::LogControl;
-use weft::config::Settings;
+use weft::config::{Limits, Settings};
 use weft::grpc::{GrpcTarget, TokenFile};
 use weft::identity::istio_ca::{IstioCa, IstioCaSettings};
 use weft::identity::{CertificateAuthority, CertificateSigner, Identity};
@@ -279,6 +279,60 @@ struct RunArgs {
     /// Seconds live connections get to finish on shutdown.
     #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The limits of `weft::config::Limits`, one flag each (defaults from there).
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
+    /// Concurrent CONNECT streams per HBONE connection (advertised in SETTINGS).
+    #[arg(long, env = "WEFT_MAX_STREAMS_PER_CONNECTION", default_value_t = Limits::default().streams_per_connection)]
+    max_streams_per_connection: u32,
+    /// Largest request header list an HBONE peer may send, in bytes.
+    #[arg(long, env = "WEFT_MAX_HEADER_LIST_BYTES", default_value_t = Limits::default().header_list_bytes)]
+    max_header_list_bytes: u32,
+    /// Bytes one stream may queue towards a peer that is not reading.
+    #[arg(long, env = "WEFT_STREAM_SEND_BUFFER_BYTES", default_value_t = Limits::default().stream_send_buffer)]
+    stream_send_buffer_bytes: usize,
+    /// HBONE connections held at once.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = Limits::default().connections)]
+    max_connections: usize,
+    /// HBONE connections held at once from one peer address.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_PEER", default_value_t = Limits::default().connections_per_peer)]
+    max_connections_per_peer: usize,
+    /// Seconds an HBONE connection without streams stays open.
+    #[arg(long, env = "WEFT_IDLE_CONNECTION_SECONDS", default_value_t = Limits::default().idle_connection.as_secs())]
+    idle_connection_seconds: u64,
+    /// Upstream connects in progress at once for one pod.
+    #[arg(long, env = "WEFT_MAX_PENDING_CONNECTS_PER_POD", default_value_t = Limits::default().pending_connects_per_pod)]
+    max_pending_connects_per_pod: usize,
+    /// Upstream connects in progress at once in total.
+    #[arg(long, env = "WEFT_MAX_PENDING_CONNECTS", default_value_t = Limits::default().pending_connects)]
+    max_pending_connects: usize,
+    /// Seconds any connect may take.
+    #[arg(long, env = "WEFT_CONNECT_TIMEOUT_SECONDS", default_value_t = Limits::default().connect_timeout.as_secs())]
+    connect_timeout_seconds: u64,
+    /// Seconds a TLS + HTTP/2 handshake may take.
+    #[arg(long, env = "WEFT_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = Limits::default().handshake_timeout.as_secs())]
+    handshake_timeout_seconds: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            streams_per_connection: self.max_streams_per_connection.max(1),
+            header_list_bytes: self.max_header_list_bytes,
+            stream_send_buffer: self.stream_send_buffer_bytes.max(16 * 1024),
+            connections: self.max_connections,
+            connections_per_peer: self.max_connections_per_peer,
+            idle_connection: Duration::from_secs(self.idle_connection_seconds),
+            pending_connects_per_pod: self.max_pending_connects_per_pod,
+            pending_connects: self.max_pending_connects,
+            connect_timeout: Duration::from_secs(self.connect_timeout_seconds.max(1)),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_seconds.max(1)),
+        }
+    }
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -388,6 +442,7 @@ impl RunArgs {
             cert_ttl: Duration::from_secs(self.cert_ttl_seconds),
             node_bind: self.node_bind,
             preserve_source_ip: self.preserve_source_ip,
+            limits: self.limits.limits(),
             ..Settings::default()
         };
         s.ports.outbound = self.outbound_port;

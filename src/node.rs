@@ -19,6 +19,8 @@ use crate::hbone::tls::{self, TlsContext};
 use crate::identity::{CertManager, CertificateAuthority, CertificateSigner};
 use crate::k8s::{self, translate::ClusterFacts, KubeSettings};
 use crate::metrics::Metrics;
+use crate::proxy::drain::Drain;
+use crate::proxy::limits::{ConnectBudget, ConnectionCaps, LimitReports};
 use crate::proxy::tracker::ConnectionTracker;
 use crate::proxy::{authorize, ProxyContext};
 use crate::state::local::{self, Defaults};
@@ -137,6 +139,7 @@ impl Node {
         tasks.push(tokio::spawn(pool.clone().run_reaper()));
         tasks.push(tokio::spawn(certs.clone().run_renewals()));
         tasks.push(tokio::spawn(crate::allocator::release_free_memory()));
+        let limits = Arc::new(LimitReports::new(metrics.clone()));
         let ctx = Arc::new(ProxyContext {
             settings: settings.clone(),
             state: state.clone(),
@@ -144,6 +147,10 @@ impl Node {
             pool,
             metrics: metrics.clone(),
             tracker: Arc::new(ConnectionTracker::default()),
+            connections: ConnectionCaps::new(&settings.limits, limits.clone(), metrics.clone()),
+            connects: ConnectBudget::process(&settings.limits),
+            limits,
+            drain: Drain::default(),
         });
 
         let enroller = Enroller::new(ctx.clone(), settings.node_name.clone());
@@ -238,11 +245,17 @@ impl Node {
 
     /// Stops accepting (capture rules stay for the next weft), and gives live connections `grace` to end.
     pub async fn shutdown(self, grace: Duration) {
+        // Closing the listeners first: with the capture rules' reuse-port listeners and
+        // `tcp_migrate_req`, connections not yet accepted go to the weft that took over.
         self.enroller.stop_listening();
+        self.ctx.drain.start();
+        self.ctx.pool.drain();
         let deadline = tokio::time::Instant::now() + grace;
-        while !self.ctx.tracker.is_empty() && tokio::time::Instant::now() < deadline {
+        let live = || self.ctx.metrics.live_connections.get();
+        while live() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        info!(left = live(), "drain finished");
         for t in &self.tasks {
             t.abort();
         }

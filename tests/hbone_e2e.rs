@@ -3,12 +3,13 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_byte_and_64_mib_are_echoed_exactly() {
@@ -48,13 +49,27 @@ async fn server_access_log_names_the_client_identity() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &two_workloads(subnet));
     let a = start_node("a", &cfg).await;
-    let _b = start_node("b", &cfg).await;
-    let (echo, _) = echo_server(ip(subnet, 3)).await;
+    let b = start_node("b", &cfg).await;
+    // Unequal byte counts each way, so a swapped direction shows: the client sends 5 bytes,
+    // the app answers 13.
+    let app = TcpListener::bind(SocketAddr::new(ip(subnet, 3), 0))
+        .await
+        .unwrap();
+    let echo = app.local_addr().unwrap();
+    let served = tokio::spawn(async move {
+        let (mut s, _) = app.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(b"hello, world!").await.unwrap();
+        s.shutdown().await.unwrap();
+        got
+    });
     let (_fwd, entry) = forward(&a, "client-uid", ip(subnet, 2), echo);
     assert_eq!(
         echo_roundtrip(entry, Arc::new(b"hello".to_vec())).await,
-        b"hello"
+        b"hello, world!"
     );
+    assert_eq!(served.await.unwrap(), b"hello");
 
     let needle = format!("dst.addr={echo}");
     eventually("inbound access log line", || {
@@ -76,8 +91,9 @@ async fn server_access_log_names_the_client_identity() {
         inbound.contains("dst.identity=\"spiffe://cluster.local/ns/shop/sa/server-sa\""),
         "{inbound}"
     );
+    // Istio's direction, as `istio_tcp_sent_bytes`: sent is server to client.
     assert!(
-        inbound.contains("bytes_sent=5") && inbound.contains("bytes_recv=5"),
+        inbound.contains("bytes_sent=13") && inbound.contains("bytes_recv=5"),
         "{inbound}"
     );
     let outbound = lines
@@ -85,6 +101,20 @@ async fn server_access_log_names_the_client_identity() {
         .find(|l| l.contains("direction=\"outbound\""))
         .unwrap();
     assert!(outbound.contains("protocol=\"HBONE\""), "{outbound}");
+    assert!(
+        outbound.contains("bytes_sent=13") && outbound.contains("bytes_recv=5"),
+        "{outbound}"
+    );
+    let text = scrape(b.metrics_addr).await;
+    let dest = ["reporter=\"destination\""];
+    assert_eq!(
+        metric(&text, "istio_tcp_sent_bytes_total", &dest),
+        Some(13.0)
+    );
+    assert_eq!(
+        metric(&text, "istio_tcp_received_bytes_total", &dest),
+        Some(5.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

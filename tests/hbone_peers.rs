@@ -4,150 +4,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::raw_hbone::*;
 use common::*;
 use http::{Method, Request, StatusCode};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weft::identity::{CertificateAuthority, Identity};
-
-/// The test client trusts any server: what is under test is the server's judgement of clients.
-#[derive(Debug)]
-struct AnyServer;
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// A raw client config presenting a certificate for `id` from `signer` (or none).
-fn raw_config(cert: Option<(&CertificateAuthority, Identity)>) -> Arc<ClientConfig> {
-    let b = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AnyServer));
-    let mut cfg = match cert {
-        Some((signer, id)) => {
-            let c = signer.issue(&id, Duration::from_secs(3600)).unwrap();
-            b.with_client_auth_cert(c.chain, c.key).unwrap()
-        }
-        None => b.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(cfg)
-}
-
-fn mesh_ca() -> CertificateAuthority {
-    CertificateAuthority::load(&ca_dir()).unwrap()
-}
-
-fn client_id() -> Identity {
-    Identity::new("cluster.local", "shop", "client-sa")
-}
-
-/// TLS + HTTP/2 to `addr`; the error is whatever broke first.
-async fn raw_connect(
-    addr: SocketAddr,
-    cfg: Arc<ClientConfig>,
-) -> Result<h2::client::SendRequest<Bytes>, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (send, conn) = h2::client::handshake(tls)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    // With TLS 1.3 a refused client certificate shows up on first use, so make one round trip.
-    let mut ready = send.clone().ready().await.map_err(|e| e.to_string())?;
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(addr.to_string())
-        .body(())
-        .unwrap();
-    let (resp, _s) = ready.send_request(req, true).map_err(|e| e.to_string())?;
-    resp.await.map_err(|e| e.to_string())?;
-    Ok(send)
-}
-
-async fn request(
-    send: &h2::client::SendRequest<Bytes>,
-    req: Request<()>,
-) -> (StatusCode, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
-    let mut ready = send.clone().ready().await.unwrap();
-    let (resp, stream) = ready.send_request(req, false).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
-        .await
-        .unwrap()
-        .unwrap();
-    let status = resp.status();
-    (
-        status,
-        (status == StatusCode::OK).then(|| (stream, resp.into_body())),
-    )
-}
-
-fn connect_req(authority: SocketAddr) -> Request<()> {
-    Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority.to_string())
-        .header("forwarded", "for=\"10.9.9.9:1234\"")
-        .body(())
-        .unwrap()
-}
-
-async fn echo_through(send: &h2::client::SendRequest<Bytes>, echo: SocketAddr, msg: &'static [u8]) {
-    let (status, stream) = request(send, connect_req(echo)).await;
-    assert_eq!(status, StatusCode::OK);
-    let (mut tx, mut rx) = stream.unwrap();
-    tx.send_data(Bytes::from_static(msg), true).unwrap();
-    let mut got = Vec::new();
-    while let Some(chunk) = rx.data().await {
-        let chunk = chunk.unwrap();
-        rx.flow_control().release_capacity(chunk.len()).unwrap();
-        got.extend_from_slice(&chunk);
-    }
-    assert_eq!(got, msg);
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,

@@ -407,7 +407,13 @@ impl FreshTunnel {
         let tcp = TcpStream::connect(self.hbone).await?;
         tcp.set_nodelay(true)?;
         let client = tcp.local_addr()?;
-        let conn = handshake(tcp, self.tls.clone(), &self.tuning).await?;
+        let conn = handshake(
+            tcp,
+            self.tls.clone(),
+            &self.tuning,
+            &weft::config::Limits::default(),
+        )
+        .await?;
         let req = ConnectRequest {
             authority: self.authority,
             client,

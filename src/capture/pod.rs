@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
+use tracing::warn;
+
 use super::{CaptureError, Netns, PodCapture, RouteParams, RuleParams};
 use crate::config::Settings;
 use crate::proxy::socket::{ListenOptions, LocalSockets, SocketFactory};
@@ -48,6 +50,15 @@ pub enum RulesBy {
     CniAgent,
 }
 
+/// Makes the kernel move connections still queued on a closing listener to another listener
+/// of the same reuse-port group instead of resetting them (`net.ipv4.tcp_migrate_req`, per
+/// network namespace, Linux 5.14+). When an old weft closes its listeners during an upgrade,
+/// the new weft's listeners take the connections not yet accepted. Runs inside the namespace:
+/// `/proc/sys/net` shows the namespace of the thread that opens it.
+fn hand_over_pending_connections() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+}
+
 pub struct PodNetwork {
     netns: Netns,
     rules: RuleParams,
@@ -63,6 +74,9 @@ impl PodNetwork {
 
     pub fn new(netns: Netns, settings: &Settings, rules_by: RulesBy) -> Result<Self, CaptureError> {
         let ipv6 = netns.has_ipv6();
+        if let Err(e) = netns.run(hand_over_pending_connections)? {
+            warn!(netns = ?netns, error = %e, "tcp_migrate_req not set: connections queued for a weft that exits may be reset during an upgrade");
+        }
         let rules = RuleParams {
             outbound_port: settings.ports.outbound,
             inbound_plain_port: settings.ports.inbound_plaintext,

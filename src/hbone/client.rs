@@ -16,10 +16,7 @@ use tracing::debug;
 
 use super::wire::{self, ConnectRequest};
 use super::{H2Stream, HboneError};
-use crate::config::H2Tuning;
-
-/// Bounds the TLS + HTTP/2 handshake so a silent peer cannot hold a pool slot forever.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+use crate::config::{H2Tuning, Limits};
 
 /// A live HTTP/2 connection to a peer's HBONE port.
 pub struct TunnelConnection {
@@ -34,16 +31,15 @@ impl TunnelConnection {
     }
 }
 
-/// TLS then HTTP/2 over `tcp`, then a driver task (with PING keepalive) owns the connection.
+/// TLS then HTTP/2 over `tcp` (within the handshake limit, so a silent peer cannot hold a pool
+/// slot), then a driver task (with PING keepalive) owns the connection.
 pub async fn handshake(
     tcp: TcpStream,
     tls: Arc<ClientConfig>,
     tuning: &H2Tuning,
+    limits: &Limits,
 ) -> Result<TunnelConnection, HboneError> {
-    let peer: SocketAddr = tcp.peer_addr().map_err(|source| HboneError::Connect {
-        target: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
+    let peer: SocketAddr = tcp.peer_addr().map_err(HboneError::Socket)?;
     let fut = async {
         let tls_stream = TlsConnector::from(tls)
             .connect(ServerName::IpAddress(peer.ip().into()), tcp)
@@ -53,15 +49,16 @@ pub async fn handshake(
             .initial_window_size(tuning.stream_window)
             .initial_connection_window_size(tuning.connection_window)
             .max_frame_size(tuning.max_frame_size)
-            .max_send_buffer_size(tuning.stream_window as usize)
+            .max_send_buffer_size(limits.stream_send_buffer)
+            .max_header_list_size(limits.header_list_bytes)
             .enable_push(false)
             .handshake::<_, Bytes>(tls_stream)
             .await?;
         Ok::<_, HboneError>((sender, conn))
     };
-    let (sender, mut conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+    let (sender, mut conn) = tokio::time::timeout(limits.handshake_timeout, fut)
         .await
-        .map_err(|_| HboneError::Timeout(HANDSHAKE_TIMEOUT, "for the HBONE handshake"))??;
+        .map_err(|_| HboneError::HandshakeTimeout(limits.handshake_timeout))??;
     let closed = Arc::new(AtomicBool::new(false));
     let done = closed.clone();
     let ping = conn.ping_pong();

@@ -30,8 +30,17 @@ pub enum HboneError {
     H2(#[from] h2::Error),
     #[error("tunnel refused with status {0}")]
     Refused(StatusCode),
-    #[error("timed out after {0:?} {1}")]
-    Timeout(std::time::Duration, &'static str),
+    #[error("connecting to {target}: no answer within {after:?}")]
+    ConnectTimeout {
+        target: std::net::SocketAddr,
+        after: std::time::Duration,
+    },
+    #[error("the TLS + HTTP/2 handshake did not complete within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("the socket's addresses: {0}")]
+    Socket(std::io::Error),
+    #[error("every pooled connection filled up before a stream could be opened on it")]
+    NoFreeStream,
 }
 
 /// One tunnelled connection: the two halves of an HTTP/2 stream.

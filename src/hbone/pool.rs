@@ -141,10 +141,7 @@ impl Pool {
                 return Ok(self.lease(&conn));
             }
         }
-        Err(PoolError(Arc::new(HboneError::Timeout(
-            Duration::ZERO,
-            "waiting for a pooled connection with a free stream",
-        ))))
+        Err(PoolError(Arc::new(HboneError::NoFreeStream)))
     }
 
     /// Wraps a connect so that, whoever drives it, its result lands in the pool exactly once.
@@ -209,6 +206,18 @@ impl Pool {
     pub fn connection_count(&self) -> usize {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.values().map(|e| e.conns.len()).sum()
+    }
+
+    /// On shutdown: no pooled connection takes another stream. Streams in flight carry on
+    /// (their leases keep their connections), and each connection closes when its last ends.
+    pub fn drain(&self) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in entries.values() {
+            for c in &entry.conns {
+                c.conn.closed.store(true, Ordering::Release);
+            }
+        }
+        entries.clear();
     }
 
     /// Marks a connection unusable after a stream on it failed at the HTTP/2 level.

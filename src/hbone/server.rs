@@ -4,8 +4,9 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -17,10 +18,48 @@ use tracing::{debug, warn};
 use super::tls::peer_identities;
 use super::wire;
 use super::HboneError;
-use crate::config::H2Tuning;
+use crate::config::{H2Tuning, Limits};
 use crate::identity::Identity;
+use crate::proxy::limits::{Limit, LimitReports};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How an HBONE server connection is run: HTTP/2 tuning, the limits, and where reached limits
+/// are reported.
+#[derive(Clone)]
+pub struct ServeOptions {
+    pub tuning: H2Tuning,
+    pub limits: Limits,
+    pub reports: Arc<LimitReports>,
+}
+
+/// The streams in flight on one connection, and since when it has had none.
+struct StreamCount {
+    active: AtomicUsize,
+    born: Instant,
+    /// Milliseconds after `born` when the last stream ended.
+    idle_since: AtomicU64,
+}
+
+impl StreamCount {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Ordering::Acquire));
+        Some(self.born.elapsed().saturating_sub(since))
+    }
+}
+
+/// Counts one stream for as long as its handler runs.
+struct StreamSlot(Arc<StreamCount>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let c = &self.0;
+        c.idle_since
+            .store(c.born.elapsed().as_millis() as u64, Ordering::Release);
+        c.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// The authenticated peer of a tunnel connection.
 #[derive(Debug)]
@@ -57,21 +96,19 @@ pub fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     }
 }
 
-/// Serves one accepted TCP connection until the client goes away.
+/// Serves one accepted TCP connection until the client goes away, the connection has carried
+/// no stream for the idle limit, or `drain` fires; the last two end it with GOAWAY, and streams
+/// in flight run to their end.
 pub async fn serve<H: StreamHandler>(
     tcp: TcpStream,
     acceptor: TlsAcceptor,
-    tuning: H2Tuning,
+    options: &ServeOptions,
     handler: Arc<H>,
+    drain: impl Future<Output = ()>,
 ) -> Result<(), HboneError> {
-    let addr = tcp.peer_addr().map_err(|source| HboneError::Connect {
-        target: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
-    let local = tcp.local_addr().map_err(|source| HboneError::Connect {
-        target: addr,
-        source,
-    })?;
+    let addr = tcp.peer_addr().map_err(HboneError::Socket)?;
+    let local = tcp.local_addr().map_err(HboneError::Socket)?;
+    let (tuning, limits) = (&options.tuning, &options.limits);
     let handshake = async {
         let tls = acceptor
             .accept(tcp)
@@ -82,32 +119,64 @@ pub async fn serve<H: StreamHandler>(
             .initial_window_size(tuning.stream_window)
             .initial_connection_window_size(tuning.connection_window)
             .max_frame_size(tuning.max_frame_size)
-            .max_send_buffer_size(tuning.stream_window as usize)
+            .max_send_buffer_size(limits.stream_send_buffer)
+            .max_concurrent_streams(limits.streams_per_connection)
+            .max_header_list_size(limits.header_list_bytes)
             .handshake::<_, Bytes>(tls)
             .await?;
         Ok::<_, HboneError>((conn, identities))
     };
-    let (mut conn, identities) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            warn!(peer = %addr, %local, error = %e, "HBONE connection refused");
-            return Err(e);
-        }
-        Err(_) => {
-            warn!(peer = %addr, %local, "HBONE handshake timed out");
-            return Err(HboneError::Timeout(
-                HANDSHAKE_TIMEOUT,
-                "for the HBONE handshake",
-            ));
-        }
-    };
+    let (mut conn, identities) =
+        match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                warn!(peer = %addr, %local, error = %e, "HBONE connection refused");
+                return Err(e);
+            }
+            Err(_) => {
+                options.reports.reached(
+                    Limit::HandshakeTimeout,
+                    addr,
+                    "HBONE handshake did not complete; connection closed",
+                );
+                return Err(HboneError::HandshakeTimeout(limits.handshake_timeout));
+            }
+        };
     let peer = Arc::new(TunnelPeer {
         addr,
         local,
         identities,
     });
     let arrived_on: IpAddr = local.ip();
-    while let Some(next) = conn.accept().await {
+    let streams = Arc::new(StreamCount {
+        active: AtomicUsize::new(0),
+        born: Instant::now(),
+        idle_since: AtomicU64::new(0),
+    });
+    let mut stream_limit_reported = false;
+    let mut closing = false;
+    let mut idle_check =
+        tokio::time::interval((limits.idle_connection / 4).max(Duration::from_millis(50)));
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = idle_check.tick(), if !closing => {
+                if streams.idle_for().is_some_and(|d| d >= limits.idle_connection) {
+                    options.reports.reached(Limit::IdleConnection, addr, "HBONE connection without streams closed (GOAWAY)");
+                    conn.graceful_shutdown();
+                    closing = true;
+                }
+                continue;
+            }
+            () = &mut drain, if !closing => {
+                debug!(peer = %addr, "draining: GOAWAY sent");
+                conn.graceful_shutdown();
+                closing = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (req, mut respond) = match next {
             Ok(s) => s,
             Err(e) => {
@@ -117,7 +186,21 @@ pub async fn serve<H: StreamHandler>(
         };
         match wire::validate(&req, arrived_on) {
             Ok(dest) => {
-                tokio::spawn(handler.clone().handle(peer.clone(), dest, req, respond));
+                let now = streams.active.fetch_add(1, Ordering::AcqRel) + 1;
+                if now >= limits.streams_per_connection as usize && !stream_limit_reported {
+                    stream_limit_reported = true;
+                    options.reports.reached(
+                        Limit::StreamsPerConnection,
+                        addr,
+                        "HBONE peer holds the most concurrent streams; HTTP/2 refuses more until some end",
+                    );
+                }
+                let slot = StreamSlot(streams.clone());
+                let stream = handler.clone().handle(peer.clone(), dest, req, respond);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    stream.await
+                });
             }
             Err(refusal) => {
                 warn!(peer = %addr, %local, identity = ?peer.identity().map(ToString::to_string),

@@ -320,13 +320,12 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        Err(TlsError::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        // Unreachable while only TLS 1.3 is enabled; verified properly should that change.
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.chain.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -375,13 +374,12 @@ impl ServerCertVerifier for ExpectedIdentityServerVerifier {
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        Err(TlsError::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        // Unreachable while only TLS 1.3 is enabled; verified properly should that change.
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.chain.algorithms)
     }
 
     fn verify_tls13_signature(

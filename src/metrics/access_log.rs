@@ -24,7 +24,10 @@ impl Direction {
 #[derive(Clone, Debug)]
 pub struct AccessLogEntry {
     pub direction: Direction,
+    /// The transport peer (what policy saw).
     pub src_addr: SocketAddr,
+    /// The original client an HBONE peer claims (`forwarded`), when it differs from the peer.
+    pub claimed_src: Option<SocketAddr>,
     pub dst_addr: SocketAddr,
     /// Where weft actually sent the bytes (a tunnel endpoint, or the app).
     pub upstream: Option<SocketAddr>,
@@ -41,6 +44,7 @@ impl AccessLogEntry {
         AccessLogEntry {
             direction,
             src_addr,
+            claimed_src: None,
             dst_addr,
             upstream: None,
             protocol: "tcp",
@@ -66,10 +70,12 @@ fn dash(s: &str) -> &str {
 /// already hold them resolved once.
 pub fn emit(e: &AccessLogEntry, who: &ConnLabels) {
     let upstream = e.upstream.map(|u| u.to_string());
+    let claimed = e.claimed_src.map(|c| c.to_string());
     tracing::info!(
         target: "access",
         direction = e.direction.as_str(),
         src.addr = %e.src_addr,
+        src.forwarded = claimed.as_deref().unwrap_or("-"),
         src.workload = dash(&who.source_workload),
         src.namespace = dash(&who.source_workload_namespace),
         src.identity = dash(&who.source_principal),
@@ -79,8 +85,9 @@ pub fn emit(e: &AccessLogEntry, who: &ConnLabels) {
         dst.identity = dash(&who.destination_principal),
         upstream = upstream.as_deref().unwrap_or("-"),
         protocol = e.protocol,
-        bytes_sent = e.bytes_to_server,
-        bytes_recv = e.bytes_to_client,
+        // Istio's direction (as `istio_tcp_sent_bytes`): sent is server to client.
+        bytes_sent = e.bytes_to_client,
+        bytes_recv = e.bytes_to_server,
         duration_ms = e.duration.as_millis() as u64,
         response_flags = e.response_flags.as_str(),
         error = e.error.as_deref().unwrap_or("-"),

@@ -59,6 +59,7 @@ impl ConnectionGuard {
     pub fn open(metrics: Arc<Metrics>, labels: ConnLabels, entry: AccessLogEntry) -> Self {
         let series = metrics.series(labels);
         series.opened.inc();
+        metrics.live_connections.inc();
         ConnectionGuard {
             metrics,
             series,
@@ -97,6 +98,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.entry.duration = self.start.elapsed();
+        self.metrics.live_connections.dec();
         match self.failure.take() {
             None => {
                 self.series.closed.inc();

@@ -56,6 +56,12 @@ pub enum Outcome {
     rejected,
 }
 
+/// Which of weft's limits was reached (`config::Limits`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     pub identity: String,
@@ -82,6 +88,12 @@ pub struct Metrics {
     pub xds_terminations: Family<TerminationLabels, Counter>,
     /// Resources refused (NACKed) per type.
     pub xds_rejected: Family<TypeUrlLabels, Counter>,
+    /// Times a limit refused or closed something, per limit.
+    pub limits_reached: Family<LimitLabels, Counter>,
+    /// HBONE connections held now.
+    pub hbone_connections: Gauge,
+    /// Proxied connections (either direction) open now: what a drain waits for.
+    pub live_connections: Gauge,
     /// Serialises scrapes so the process gauges are set and read as one.
     scrape: Mutex<()>,
     /// Every connection label set seen, with its counters. Like the families above it only
@@ -115,6 +127,9 @@ impl Metrics {
             xds_message_bytes: Family::default(),
             xds_terminations: Family::default(),
             xds_rejected: Family::default(),
+            limits_reached: Family::default(),
+            hbone_connections: Gauge::default(),
+            live_connections: Gauge::default(),
             scrape: Mutex::new(()),
             series: RwLock::default(),
             registry: Registry::default(),
@@ -192,6 +207,21 @@ impl Metrics {
             "certificate_expiry_seconds",
             "Seconds until each workload certificate expires",
             m.certificate_expiry_seconds.clone(),
+        );
+        weft.register(
+            "limit_reached",
+            "Connections, streams or connects refused or closed because a limit was reached, per limit",
+            m.limits_reached.clone(),
+        );
+        weft.register(
+            "hbone_connections",
+            "Inbound HBONE connections held now",
+            m.hbone_connections.clone(),
+        );
+        weft.register(
+            "connections_active",
+            "Proxied connections open now, inbound and outbound",
+            m.live_connections.clone(),
         );
         let process = registry.sub_registry_with_prefix("process");
         process.register("open_fds", "Open file descriptors", m.open_fds.clone());

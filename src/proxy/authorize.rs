@@ -6,8 +6,17 @@ use super::tracker::AdmittedConnection;
 use crate::authz::{ConnFacts, Target, Verdict};
 use crate::state::{Snapshot, Workload};
 
-/// Allowed, or denied with the reason (the policy that decided).
-pub fn check(snap: &Snapshot, dest: &Workload, conn: &AdmittedConnection) -> Result<(), String> {
+/// A connection authorization refused, and the policy that decided (none: no ALLOW matched).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("denied by policy {0}")]
+    ByPolicy(String),
+    #[error("denied: no ALLOW policy matched")]
+    NoAllowMatched,
+}
+
+/// Allowed, or denied with the policy that decided.
+pub fn check(snap: &Snapshot, dest: &Workload, conn: &AdmittedConnection) -> Result<(), Denial> {
     let principal = conn.source_identity.as_ref().map(|i| i.principal());
     let facts = ConnFacts {
         source_ip: conn.source_ip,
@@ -28,7 +37,7 @@ pub fn check(snap: &Snapshot, dest: &Workload, conn: &AdmittedConnection) -> Res
     }
     match decision.verdict {
         Verdict::Allow { .. } => Ok(()),
-        Verdict::Deny { by: Some(p) } => Err(format!("denied by policy {p}")),
-        Verdict::Deny { by: None } => Err("denied: no ALLOW policy matched".to_string()),
+        Verdict::Deny { by: Some(p) } => Err(Denial::ByPolicy(p)),
+        Verdict::Deny { by: None } => Err(Denial::NoAllowMatched),
     }
 }

@@ -1,72 +1,33 @@
-//! Inbound HBONE: a CONNECT stream from a peer weft (or ztunnel) is authorized and connected to
-//! the app, from the client's own source IP.
+//! Inbound HBONE: a CONNECT stream from a peer weft (or ztunnel) goes through the pod's
+//! [`InboundDoor`] and, once admitted, is relayed to the app.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::authorize;
+use super::admit::{Admitted, Caller, InboundDoor};
 use super::relay::{self, TcpSide, Transferred};
-use super::socket::{self, SocketFactory};
-use super::tracker::{AdmittedConnection, TrackedConnection};
+use super::tracker::TrackedConnection;
 use super::ProxyContext;
 use crate::hbone::server::{reply, StreamHandler, TunnelPeer};
 use crate::hbone::{wire, H2Stream};
-use crate::metrics::access_log::{AccessLogEntry, Direction};
 use crate::metrics::connection::ConnectionGuard;
-use crate::metrics::labels::{ConnLabels, Peers, Reporter, ResponseFlags};
-
-/// Bounds the connect to the app; past it the client gets 503.
-pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::metrics::labels::ResponseFlags;
 
 /// The inbound side of one workload's HBONE listener.
 pub struct Inbound {
-    pub ctx: Arc<ProxyContext>,
-    pub factory: Arc<dyn SocketFactory>,
+    pub door: Arc<InboundDoor>,
 }
 
-/// Connects to the app, from `client_ip` when preserving source addresses. A client address
-/// that cannot be bound here (no privilege) falls back to weft's own, which is logged.
-pub async fn connect_upstream(
-    ctx: &ProxyContext,
-    factory: &dyn SocketFactory,
-    dest: SocketAddr,
-    client_ip: IpAddr,
-) -> std::io::Result<TcpStream> {
-    let attempt = |src: Option<IpAddr>| {
-        tokio::time::timeout(
-            UPSTREAM_CONNECT_TIMEOUT,
-            socket::connect(factory, dest, src),
-        )
-    };
-    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
-    if !ctx.settings.preserve_source_ip || client_ip.is_ipv4() != dest.is_ipv4() {
-        return attempt(None).await.map_err(|_| timed_out())?;
-    }
-    match attempt(Some(client_ip)).await.map_err(|_| timed_out())? {
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EPERM) | Some(libc::EADDRNOTAVAIL)
-            ) =>
-        {
-            warn!(%client_ip, %dest, error = %e, "cannot connect from the client's address; using weft's own");
-            attempt(None).await.map_err(|_| timed_out())?
-        }
-        other => other,
-    }
-}
-
-/// An inbound connection that passed authorization and reached the app.
-struct Admitted {
+/// An inbound stream that passed admission and whose peer has its 200.
+struct Opened {
     upstream: TcpStream,
     stream: H2Stream,
     guard: ConnectionGuard,
@@ -82,91 +43,42 @@ impl StreamHandler for Inbound {
         respond: SendResponse<Bytes>,
     ) {
         // Boxed for the reason given in `Outbound::handle`: only relaying state stays.
-        let Some(Admitted {
+        let Some(Opened {
             upstream,
             stream,
             mut guard,
             tracked,
-        }) = Box::pin(self.admit(peer, dest, req, respond)).await
+        }) = Box::pin(self.open(peer, dest, req, respond)).await
         else {
             return;
         };
         let counters = guard.counters().clone();
         let relay = pin!(relay::tcp_h2(upstream, stream, TcpSide::Server, &counters));
-        relay_admitted(&self.ctx, &mut guard, &tracked, relay).await;
+        relay_admitted(&self.door.ctx, &mut guard, &tracked, relay).await;
     }
 }
 
 impl Inbound {
-    /// Authorizes the stream and connects to the app, answering the peer: 200 once both
-    /// succeeded, else 400/401/503 and `None` (the guard has recorded why).
-    async fn admit(
+    /// Admits the stream and answers the peer: 200 once the app is connected, else the
+    /// refusal's status and `None` (the guard has recorded why).
+    async fn open(
         &self,
         peer: Arc<TunnelPeer>,
         dest: SocketAddr,
         req: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
-    ) -> Option<Admitted> {
-        let snap = self.ctx.state.snapshot();
-        let dst = snap.workload_by_ip(dest.ip()).cloned();
-        let client_ip = wire::canonical(peer.addr.ip());
-        let src = snap.workload_by_ip(client_ip).cloned();
-        let src_identity = peer.identity().cloned();
-        let dst_identity = dst.as_ref().map(|d| d.identity());
-        let dst_svc = dst
-            .as_ref()
-            .and_then(|d| snap.services_of(&d.uid).next().cloned());
-        let labels = ConnLabels::new(
-            Reporter::destination,
-            &Peers {
-                source: src.as_deref(),
-                source_identity: src_identity.as_ref(),
-                destination: dst.as_deref(),
-                destination_identity: dst_identity.as_ref(),
-                destination_service: dst_svc.as_deref(),
-            },
-            true,
-        );
-        let client_addr = wire::forwarded_for(&req).unwrap_or(peer.addr);
-        let mut entry = AccessLogEntry::new(Direction::Inbound, client_addr, dest);
-        entry.protocol = "HBONE";
-        entry.upstream = Some(dest);
-        let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
-
-        if self.ctx.own_ports().contains(&dest.port()) {
-            reply(&mut respond, StatusCode::BAD_REQUEST);
-            guard.fail(
-                ResponseFlags::Connect,
-                format!("{dest} is one of weft's own ports"),
-            );
-            return None;
-        }
-        let Some(dst) = dst else {
-            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            guard.fail(
-                ResponseFlags::Connect,
-                format!("no workload has address {}", dest.ip()),
-            );
-            return None;
+    ) -> Option<Opened> {
+        let caller = Caller {
+            peer: peer.addr,
+            claimed: wire::forwarded_for(&req),
+            identity: peer.identity(),
+            dest,
         };
-        let admitted = AdmittedConnection {
-            destination_uid: dst.uid.clone(),
-            source_ip: client_ip,
-            source_identity: src_identity,
-            destination_ip: dest.ip(),
-            destination_port: dest.port(),
-        };
-        if let Err(reason) = authorize::check(&snap, &dst, &admitted) {
-            reply(&mut respond, StatusCode::UNAUTHORIZED);
-            guard.fail(ResponseFlags::Deny, reason);
-            return None;
-        }
-        drop(snap);
-        let upstream = match connect_upstream(&self.ctx, &*self.factory, dest, client_ip).await {
-            Ok(s) => s,
-            Err(e) => {
-                reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                guard.fail(ResponseFlags::Connect, format!("connecting to {dest}: {e}"));
+        let (mut guard, admitted) = self.door.admit(caller).await;
+        let Admitted { upstream, tracked } = match admitted {
+            Ok(a) => a,
+            Err(refusal) => {
+                reply(&mut respond, refusal.status());
                 return None;
             }
         };
@@ -178,14 +90,14 @@ impl Inbound {
                 return None;
             }
         };
-        Some(Admitted {
+        Some(Opened {
             upstream,
             stream: H2Stream {
                 send,
                 recv: req.into_body(),
             },
             guard,
-            tracked: self.ctx.tracker.track(admitted),
+            tracked,
         })
     }
 }

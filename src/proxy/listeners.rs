@@ -11,12 +11,14 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::admit::InboundDoor;
 use super::inbound::Inbound;
 use super::inbound_plain::InboundPlain;
+use super::limits::ConnectBudget;
 use super::outbound::Outbound;
 use super::socket::{into_tokio_listener, ListenOptions, SocketFactory};
 use super::ProxyContext;
-use crate::hbone::server;
+use crate::hbone::server::{self, ServeOptions};
 use crate::identity::CERTIFICATE_WAIT;
 use crate::state::Workload;
 
@@ -124,37 +126,61 @@ impl WorkloadProxy {
                 source,
             })?;
         let acceptor = TlsAcceptor::from(tls);
-        let inbound = Arc::new(Inbound {
+        let budget = ConnectBudget::for_pod(
+            &ctx.settings.limits,
+            ctx.connects.clone(),
+            ctx.limits.clone(),
+        );
+        let door = Arc::new(InboundDoor {
             ctx: ctx.clone(),
             factory: factory.clone(),
+            budget: budget.clone(),
+            pod: name.clone(),
+        });
+        let inbound = Arc::new(Inbound { door: door.clone() });
+        let options = Arc::new(ServeOptions {
+            tuning: ctx.settings.h2.clone(),
+            limits: ctx.settings.limits.clone(),
+            reports: ctx.limits.clone(),
         });
         let identity = Arc::new(workload.identity());
         for addr in &listen.hbone {
             let l = bind(*addr)?;
             bound.hbone.push(local(&l, *addr));
-            let (acceptor, inbound, tuning) =
-                (acceptor.clone(), inbound.clone(), ctx.settings.h2.clone());
+            let (acceptor, inbound, options, ctx) = (
+                acceptor.clone(),
+                inbound.clone(),
+                options.clone(),
+                ctx.clone(),
+            );
             let (certs, identity) = (ctx.tls.cert_manager().clone(), identity.clone());
             tasks.push(tokio::spawn(accept_loop(l, "hbone", move |s, _| {
-                let (acceptor, inbound, tuning) =
-                    (acceptor.clone(), inbound.clone(), tuning.clone());
+                let (acceptor, inbound, options, ctx) = (
+                    acceptor.clone(),
+                    inbound.clone(),
+                    options.clone(),
+                    ctx.clone(),
+                );
                 let (certs, identity) = (certs.clone(), identity.clone());
                 async move {
+                    let Ok(peer) = s.peer_addr() else { return };
+                    // Counted before the handshake: the handshake is what a flood costs.
+                    let Ok(_slot) = ctx.connections.admit(peer.ip()) else {
+                        return;
+                    };
                     // The handshake reads the certificate from the cache; wait for it here.
                     // Without one there is no TLS to answer on, so the connection is closed.
                     if let Err(e) = certs.fetch_within(&identity, CERTIFICATE_WAIT).await {
-                        warn!(peer = ?s.peer_addr().ok(), error = %e, "HBONE connection refused");
+                        warn!(%peer, error = %e, "HBONE connection refused");
                         return;
                     }
-                    let _ = server::serve(s, acceptor, tuning, inbound).await;
+                    let _ =
+                        server::serve(s, acceptor, &options, inbound, ctx.drain.signalled()).await;
                 }
             })));
         }
 
-        let plain = Arc::new(InboundPlain {
-            ctx: ctx.clone(),
-            factory: factory.clone(),
-        });
+        let plain = Arc::new(InboundPlain { door });
         for addr in &listen.inbound_plaintext {
             let l = bind(*addr)?;
             bound.inbound_plaintext.push(local(&l, *addr));
@@ -174,6 +200,7 @@ impl WorkloadProxy {
             ctx: ctx.clone(),
             source: Arc::new(workload.clone()),
             factory: factory.clone(),
+            budget,
         });
         for addr in &listen.outbound {
             let l = bind(*addr)?;

@@ -1,9 +1,12 @@
 //! The proxy: per-workload listeners (outbound capture, inbound HBONE, inbound plaintext), the
 //! routing decision, authorization at the door, and the relays.
 
+pub mod admit;
 pub mod authorize;
+pub mod drain;
 pub mod inbound;
 pub mod inbound_plain;
+pub mod limits;
 pub mod listeners;
 pub mod outbound;
 pub mod relay;
@@ -30,13 +33,10 @@ pub struct ProxyContext {
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<tracker::ConnectionTracker>,
-}
-
-impl ProxyContext {
-    /// Ports that must never be the destination of a proxied connection: they are weft's own,
-    /// and forwarding to them would loop.
-    pub fn own_ports(&self) -> [u16; 3] {
-        let p = &self.settings.ports;
-        [p.outbound, p.inbound_plaintext, p.hbone]
-    }
+    pub limits: Arc<limits::LimitReports>,
+    /// HBONE connections held, against `settings.limits`.
+    pub connections: Arc<limits::ConnectionCaps>,
+    /// The process-wide budget of pending upstream connects (each pod has its own within it).
+    pub connects: Arc<tokio::sync::Semaphore>,
+    pub drain: drain::Drain,
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::limits::ConnectBudget;
 use super::relay::{self, TcpSide};
 use super::route::{decide, Route, Transport};
 use super::socket::{self, SocketFactory};
@@ -28,6 +29,8 @@ pub struct Outbound {
     /// (a pod handed over by the CNI layer before its first update arrives).
     pub source: Arc<Workload>,
     pub factory: Arc<dyn SocketFactory>,
+    /// The pod's budget of connects in progress (shared with its inbound side).
+    pub budget: ConnectBudget,
 }
 
 /// The source workload's own address of the destination's family: tunnels leave from it, and
@@ -102,12 +105,7 @@ impl Outbound {
             Some(w) => w.clone(),
             None => self.stand_in(client_addr),
         };
-        let route = decide(
-            &snap,
-            original_dst,
-            &self.ctx.own_ports(),
-            self.ctx.settings.ports.hbone,
-        );
+        let route = decide(&snap, original_dst, &self.ctx.settings.ports);
         drop(snap);
         let src_identity = source.identity();
         let (mtls, dst_identity) = match &route {
@@ -147,6 +145,14 @@ impl Outbound {
             Transport::Hbone { tunnel, .. } => *tunnel,
             Transport::Plain => route.target,
         });
+        let pod = format!("{}/{}", source.namespace, source.name);
+        let _permit = match self.budget.start(&pod) {
+            Ok(p) => p,
+            Err(limit) => {
+                guard.fail(ResponseFlags::Connect, format!("limit {limit} reached"));
+                return None;
+            }
+        };
         let upstream = match route.transport {
             Transport::Hbone { tunnel, identities } => {
                 let request = ConnectRequest {
@@ -172,19 +178,16 @@ impl Outbound {
                 }
             }
             Transport::Plain => {
-                match socket::connect(
-                    &*self.factory,
-                    route.target,
-                    source_ip(&source, route.target),
-                )
-                .await
+                let src_ip = source_ip(&source, route.target);
+                match connect_within(&*self.factory, route.target, src_ip, self.budget.timeout)
+                    .await
                 {
                     Ok(s) => Upstream::Direct(s),
                     Err(e) => {
-                        guard.fail(
-                            ResponseFlags::Connect,
-                            format!("connecting to {}: {e}", route.target),
-                        );
+                        if matches!(e, HboneError::ConnectTimeout { .. }) {
+                            self.budget.timed_out(&pod);
+                        }
+                        guard.fail(ResponseFlags::Connect, e);
                         return None;
                     }
                 }
@@ -217,7 +220,10 @@ impl Outbound {
         let connect = || {
             let factory = self.factory.clone();
             let tls = self.ctx.tls.clone();
-            let tuning = self.ctx.settings.h2.clone();
+            let (tuning, limits) = (
+                self.ctx.settings.h2.clone(),
+                self.ctx.settings.limits.clone(),
+            );
             let (src_identity, identities) = (src_identity.clone(), identities.clone());
             async move {
                 // The handshake reads the certificate from the cache; wait for it here.
@@ -225,31 +231,37 @@ impl Outbound {
                     .fetch_within(&src_identity, CERTIFICATE_WAIT)
                     .await?;
                 let config = tls.client_config(src_identity, identities)?;
-                let tcp = socket::connect(&*factory, tunnel, src_ip)
-                    .await
-                    .map_err(|source| HboneError::Connect {
-                        target: tunnel,
-                        source,
-                    })?;
-                client::handshake(tcp, config, &tuning).await
+                let tcp = connect_within(&*factory, tunnel, src_ip, limits.connect_timeout).await?;
+                client::handshake(tcp, config, &tuning, &limits).await
             }
         };
-        let mut last = None;
-        for _ in 0..2 {
-            let lease = self.ctx.pool.checkout(&key, &connect).await?;
-            match open_stream(&lease.connection().sender, request).await {
-                Ok(stream) => return Ok((lease, stream)),
-                Err(HboneError::H2(e)) => {
-                    debug!(%tunnel, error = %e, "pooled tunnel connection failed; retrying on a new one");
-                    self.ctx.pool.discard(&lease);
-                    last = Some(HboneError::H2(e));
-                }
-                Err(e) => return Err(PoolError(Arc::new(e))),
+        let lease = self.ctx.pool.checkout(&key, &connect).await?;
+        match open_stream(&lease.connection().sender, request).await {
+            Ok(stream) => return Ok((lease, stream)),
+            Err(HboneError::H2(e)) => {
+                debug!(%tunnel, error = %e, "pooled tunnel connection failed; retrying on a new one");
+                self.ctx.pool.discard(&lease);
             }
+            Err(e) => return Err(PoolError(Arc::new(e))),
         }
-        Err(PoolError(Arc::new(last.unwrap_or(HboneError::Timeout(
-            std::time::Duration::ZERO,
-            "opening a stream",
-        )))))
+        let lease = self.ctx.pool.checkout(&key, &connect).await?;
+        let stream = open_stream(&lease.connection().sender, request)
+            .await
+            .map_err(|e| PoolError(Arc::new(e)))?;
+        Ok((lease, stream))
+    }
+}
+
+/// A TCP connect that gives up after `after`.
+async fn connect_within(
+    factory: &dyn SocketFactory,
+    target: SocketAddr,
+    src_ip: Option<IpAddr>,
+    after: std::time::Duration,
+) -> Result<TcpStream, HboneError> {
+    match tokio::time::timeout(after, socket::connect(factory, target, src_ip)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(HboneError::Connect { target, source }),
+        Err(_) => Err(HboneError::ConnectTimeout { target, after }),
     }
 }

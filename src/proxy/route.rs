@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
+use crate::config::Ports;
 use crate::identity::Identity;
 use crate::state::{Protocol, Service, Snapshot, Workload};
 
@@ -42,13 +43,12 @@ pub enum RouteError {
 /// Decides how a connection to `original_dst` is carried.
 ///
 /// - a service VIP: pick a healthy endpoint at random, then as for that workload;
-/// - a workload speaking HBONE: tunnel to its `hbone_port`;
+/// - a workload speaking HBONE: tunnel to its HBONE port (`ports.hbone`);
 /// - a workload speaking TCP, or an address weft does not know: plain TCP passthrough.
 pub fn decide(
     snap: &Snapshot,
     original_dst: SocketAddr,
-    own_ports: &[u16],
-    hbone_port: u16,
+    ports: &Ports,
 ) -> Result<Route, RouteError> {
     if let Some(service) = snap.service_by_vip(original_dst.ip()) {
         let key = service.key();
@@ -68,7 +68,7 @@ pub fn decide(
             return Err(RouteError::NoHealthyEndpoint(key.to_string()));
         };
         let target = SocketAddr::new(*ip, port);
-        let mut route = to_workload(&ep.workload, target, hbone_port, own_ports)?;
+        let mut route = to_workload(&ep.workload, target, ports)?;
         if let Transport::Hbone { identities, .. } = &mut route.transport {
             identities.extend(
                 service
@@ -81,7 +81,7 @@ pub fn decide(
         return Ok(route);
     }
     if let Some(w) = snap.workload_by_ip(original_dst.ip()) {
-        let mut route = to_workload(w, original_dst, hbone_port, own_ports)?;
+        let mut route = to_workload(w, original_dst, ports)?;
         route.service = snap.services_of(&w.uid).next().cloned();
         return Ok(route);
     }
@@ -93,19 +93,14 @@ pub fn decide(
     })
 }
 
-fn to_workload(
-    w: &Arc<Workload>,
-    target: SocketAddr,
-    hbone_port: u16,
-    own_ports: &[u16],
-) -> Result<Route, RouteError> {
+fn to_workload(w: &Arc<Workload>, target: SocketAddr, ports: &Ports) -> Result<Route, RouteError> {
     let transport = match w.protocol {
         Protocol::HBONE => {
-            if own_ports.contains(&target.port()) {
+            if ports.is_own(target.port()) {
                 return Err(RouteError::OwnPort(target));
             }
             Transport::Hbone {
-                tunnel: SocketAddr::new(target.ip(), hbone_port),
+                tunnel: SocketAddr::new(target.ip(), ports.hbone),
                 identities: vec![w.identity()],
             }
         }
@@ -160,12 +155,14 @@ services:
   subjectAltNames: ["spiffe://cluster.local/ns/shop/sa/extra"]
 "#;
 
-    const OWN: &[u16] = &[15001, 15006, 15008];
+    fn own() -> Ports {
+        Ports::default()
+    }
 
     #[test]
     fn hbone_workload_is_tunnelled() {
         let snap = snapshot(CONFIG);
-        let r = decide(&snap, "10.250.2.2:8080".parse().unwrap(), OWN, 15008).unwrap();
+        let r = decide(&snap, "10.250.2.2:8080".parse().unwrap(), &own()).unwrap();
         assert_eq!(
             r.transport,
             Transport::Hbone {
@@ -182,10 +179,10 @@ services:
     #[test]
     fn tcp_workload_and_unknown_pass_through() {
         let snap = snapshot(CONFIG);
-        let r = decide(&snap, "10.250.2.3:80".parse().unwrap(), OWN, 15008).unwrap();
+        let r = decide(&snap, "10.250.2.3:80".parse().unwrap(), &own()).unwrap();
         assert_eq!(r.transport, Transport::Plain);
         assert_eq!(r.destination.unwrap().name, "legacy");
-        let r = decide(&snap, "10.250.9.9:443".parse().unwrap(), OWN, 15008).unwrap();
+        let r = decide(&snap, "10.250.9.9:443".parse().unwrap(), &own()).unwrap();
         assert_eq!(
             (r.transport, r.target),
             (Transport::Plain, "10.250.9.9:443".parse().unwrap())
@@ -195,7 +192,7 @@ services:
     #[test]
     fn vip_picks_endpoint_and_maps_port() {
         let snap = snapshot(CONFIG);
-        let r = decide(&snap, "10.250.128.10:80".parse().unwrap(), OWN, 15008).unwrap();
+        let r = decide(&snap, "10.250.128.10:80".parse().unwrap(), &own()).unwrap();
         assert_eq!(r.target, "10.250.2.2:8080".parse().unwrap());
         let Transport::Hbone { identities, .. } = r.transport else {
             panic!("expected HBONE")
@@ -210,7 +207,7 @@ services:
     #[test]
     fn own_ports_are_refused() {
         let snap = snapshot(CONFIG);
-        let e = decide(&snap, "10.250.2.2:15008".parse().unwrap(), OWN, 15008).unwrap_err();
+        let e = decide(&snap, "10.250.2.2:15008".parse().unwrap(), &own()).unwrap_err();
         assert!(matches!(e, RouteError::OwnPort(_)));
     }
 }

@@ -7,6 +7,7 @@ pub mod fake_xds;
 pub mod istio;
 pub mod istio_cni;
 pub mod lab;
+pub mod raw_hbone;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -137,10 +138,15 @@ pub fn replace_file(path: &Path, contents: impl AsRef<[u8]>) {
 }
 
 pub async fn start_node(node: &str, config: &Path) -> Node {
+    start_node_with(settings(node), config).await
+}
+
+/// A node with the given settings (start from [`settings`]) and a config file.
+pub async fn start_node_with(settings: Settings, config: &Path) -> Node {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     logs();
     Node::start(
-        settings(node),
+        settings,
         Sources {
             config_file: Some(config.to_owned()),
             ..Sources::default()

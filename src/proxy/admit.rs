@@ -1,0 +1,186 @@
+//! Admission of inbound connections, HBONE and plaintext alike: the own-port guard, the
+//! destination lookup, authorization, the pod's connect budget and the connect to the app, in
+//! that order. Every refusal is a [`Refusal`], which carries the HTTP status an HBONE peer is
+//! answered with and the response flags of the metrics and the access log.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use super::authorize::{self, Denial};
+use super::limits::{ConnectBudget, Limit};
+use super::socket::{self, SocketFactory};
+use super::tracker::{AdmittedConnection, TrackedConnection};
+use super::ProxyContext;
+use crate::hbone::wire;
+use crate::identity::Identity;
+use crate::metrics::access_log::{AccessLogEntry, Direction};
+use crate::metrics::connection::ConnectionGuard;
+use crate::metrics::labels::{ConnLabels, Peers, Reporter, ResponseFlags};
+
+/// Why an inbound connection was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0} is one of weft's own ports")]
+    OwnPort(SocketAddr),
+    #[error("no workload has address {0}")]
+    UnknownDestination(IpAddr),
+    #[error(transparent)]
+    Denied(Denial),
+    #[error("limit {0} reached")]
+    Limit(Limit),
+    #[error("connecting to {dest}: no answer within {after:?}")]
+    ConnectTimeout { dest: SocketAddr, after: Duration },
+    #[error("connecting to {dest}: {source}")]
+    Connect { dest: SocketAddr, source: io::Error },
+}
+
+impl Refusal {
+    /// The answer to an HBONE peer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::OwnPort(_) => StatusCode::BAD_REQUEST,
+            Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
+            Refusal::UnknownDestination(_)
+            | Refusal::Limit(_)
+            | Refusal::ConnectTimeout { .. }
+            | Refusal::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn flags(&self) -> ResponseFlags {
+        match self {
+            Refusal::Denied(_) => ResponseFlags::Deny,
+            _ => ResponseFlags::Connect,
+        }
+    }
+}
+
+/// Who is asking to reach what.
+pub struct Caller<'a> {
+    /// The transport peer: the address policy sees, and the one logged.
+    pub peer: SocketAddr,
+    /// What an HBONE peer says the original client was (`forwarded`): logged, never trusted.
+    pub claimed: Option<SocketAddr>,
+    /// Proven by mTLS; none for plaintext.
+    pub identity: Option<&'a Identity>,
+    /// Where the connection is headed (an app's address and port).
+    pub dest: SocketAddr,
+}
+
+/// An admitted connection: the app is connected and the connection is tracked for policy.
+pub struct Admitted {
+    pub upstream: TcpStream,
+    pub tracked: TrackedConnection,
+}
+
+/// The inbound door of one pod (its HBONE and plaintext listeners share it).
+pub struct InboundDoor {
+    pub ctx: Arc<ProxyContext>,
+    pub factory: Arc<dyn SocketFactory>,
+    pub budget: ConnectBudget,
+    /// The pod, for logs (`namespace/name`).
+    pub pod: String,
+}
+
+impl InboundDoor {
+    /// Admits `caller` or says why not; the guard has the connection's labels and its access
+    /// log entry either way (on refusal, with the reason recorded).
+    pub async fn admit(&self, caller: Caller<'_>) -> (ConnectionGuard, Result<Admitted, Refusal>) {
+        let client_ip = wire::canonical(caller.peer.ip());
+        let snap = self.ctx.state.snapshot();
+        let dst = snap.workload_by_ip(caller.dest.ip()).cloned();
+        let src = snap.workload_by_ip(client_ip).cloned();
+        let dst_identity = dst.as_ref().map(|d| d.identity());
+        let dst_svc = dst
+            .as_ref()
+            .and_then(|d| snap.services_of(&d.uid).next().cloned());
+        let labels = ConnLabels::new(
+            Reporter::destination,
+            &Peers {
+                source: src.as_deref(),
+                source_identity: caller.identity,
+                destination: dst.as_deref(),
+                destination_identity: dst_identity.as_ref(),
+                destination_service: dst_svc.as_deref(),
+            },
+            caller.identity.is_some(),
+        );
+        let mut entry = AccessLogEntry::new(Direction::Inbound, caller.peer, caller.dest);
+        entry.claimed_src = caller.claimed.filter(|c| *c != caller.peer);
+        if caller.identity.is_some() {
+            entry.protocol = "HBONE";
+        }
+        entry.upstream = Some(caller.dest);
+        let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
+
+        let decided = (|| {
+            if self.ctx.settings.ports.is_own(caller.dest.port()) {
+                return Err(Refusal::OwnPort(caller.dest));
+            }
+            let dst = dst.ok_or(Refusal::UnknownDestination(caller.dest.ip()))?;
+            let admitted = AdmittedConnection {
+                destination_uid: dst.uid.clone(),
+                source_ip: client_ip,
+                source_identity: caller.identity.cloned(),
+                destination_ip: caller.dest.ip(),
+                destination_port: caller.dest.port(),
+            };
+            authorize::check(&snap, &dst, &admitted).map_err(Refusal::Denied)?;
+            Ok(admitted)
+        })();
+        drop(snap);
+        let result = match decided {
+            Ok(admitted) => match self.connect(caller.dest, client_ip).await {
+                Ok(upstream) => Ok(Admitted {
+                    upstream,
+                    tracked: self.ctx.tracker.track(admitted),
+                }),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            guard.fail(e.flags(), e);
+        }
+        (guard, result)
+    }
+
+    /// Connects to the app within the pod's connect budget and the connect timeout, from the
+    /// client's own address when preserving source addresses. A client address that cannot
+    /// be bound here (no privilege) falls back to weft's own, which is logged.
+    async fn connect(&self, dest: SocketAddr, client_ip: IpAddr) -> Result<TcpStream, Refusal> {
+        let _permit = self.budget.start(&self.pod).map_err(Refusal::Limit)?;
+        let after = self.budget.timeout;
+        let attempt = |src: Option<IpAddr>| async move {
+            match tokio::time::timeout(after, socket::connect(&*self.factory, dest, src)).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(source)) => Err(Refusal::Connect { dest, source }),
+                Err(_) => {
+                    self.budget.timed_out(&self.pod);
+                    Err(Refusal::ConnectTimeout { dest, after })
+                }
+            }
+        };
+        if !self.ctx.settings.preserve_source_ip || client_ip.is_ipv4() != dest.is_ipv4() {
+            return attempt(None).await;
+        }
+        match attempt(Some(client_ip)).await {
+            Err(Refusal::Connect { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EPERM) | Some(libc::EADDRNOTAVAIL)
+                ) =>
+            {
+                warn!(%client_ip, %dest, error = %source, "cannot connect from the client's address; using weft's own");
+                attempt(None).await
+            }
+            other => other,
+        }
+    }
+}
