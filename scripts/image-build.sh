@@ -22,7 +22,7 @@
 #   --update-lock     write the package set resolved now into image/packages.lock
 #   --rootfs-only     only make (or find) the cached root filesystem, build no image
 #   --no-cache        make the root filesystem anew (debootstrap) even if it is cached
-#   --tag NAME:TAG    the image's name (default: weft:VERSION)
+#   --tag NAME:TAG    the image's name (default: localhost/weft:VERSION)
 #
 # Writes into DIR:
 #   weft-VERSION.oci.tar      OCI archive (skopeo copy oci-archive:DIR/weft-VERSION.oci.tar:NAME:TAG ...)
@@ -33,10 +33,11 @@
 #   sizes.txt                 compressed size, and what takes the space
 #
 # Reproducible: the same commit, lock file and binaries give the same image digest, byte for
-# byte the same archives. Package versions are pinned by image/packages.lock (name version
-# sha256 of each .deb); every mtime is clamped to SOURCE_DATE_EPOCH, logs, caches, the
-# machine id and dpkg/apt state that records the build time are removed, the layer is made
-# from a sorted file list, the image config's and history's `created` are the commit time.
+# byte the same archives. The packages are pinned by image/packages.lock (name, version,
+# architecture of each); every mtime is set to SOURCE_DATE_EPOCH (the commit's time), logs,
+# caches, the machine id, backups of dpkg's and the account databases are removed, password
+# dates are the commit's day, the layer's entries are sorted, the image config's and its
+# history's `created` are the commit time.
 #
 # Needs root (debootstrap, file ownership) and Debian's debootstrap, umoci and skopeo
 # (installed with apt-get when missing); binaries: cargo. Environment: WEFT_CACHE (default
@@ -49,7 +50,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${WEFT_CACHE:-${HOME:-/root}/.cache/weft}"
 SUITE=bookworm
 LOCK="$ROOT/image/packages.lock"
-RECIPE_FILES=("$ROOT/scripts/image-build.sh" "$ROOT/image/packages.lock" "$ROOT/image/dpkg-slim.cfg")
 
 log() { printf 'image-build: %s\n' "$*" >&2; }
 die() { printf 'image-build: error: %s\n' "$*" >&2; exit 1; }
@@ -67,7 +67,7 @@ while (($#)); do
     --no-cache) no_cache=1; shift ;;
     --rootfs-only) rootfs_only=1; shift ;;
     --tag) tag="$2"; shift 2 ;;
-    -h | --help) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (--help)" ;;
   esac
 done
@@ -140,7 +140,7 @@ else
   done
 fi
 [[ $revision =~ ^[0-9a-f]{40}$ ]] || die "revision '$revision' is not a commit id"
-[[ -n $tag ]] || tag="weft:$version"
+[[ -n $tag ]] || tag="localhost/weft:$version"
 log "weft $version, revision $revision, created $created"
 
 # --- the root filesystem (cached) ----------------------------------------------------------
