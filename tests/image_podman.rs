@@ -121,6 +121,16 @@ struct Image {
     env: BTreeMap<String, String>,
     /// podman's image id: the config's digest, without "sha256:".
     id: String,
+    /// Built by this test: removed from podman's storage when done.
+    ours: bool,
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if self.ours {
+            let _ = podman(&["rmi", "-f", &self.id]).output();
+        }
+    }
 }
 
 impl Image {
@@ -140,6 +150,7 @@ impl Image {
         let mut img = Image {
             env,
             id: String::new(),
+            ours: false,
         };
         let archive = img.get("IMAGE_DOCKER_ARCHIVE").to_string();
         run(&mut podman(&["load", "-q", "-i", &archive]));
@@ -166,7 +177,9 @@ impl Image {
             .args(extra)
             .stdout(Stdio::null()));
         eprintln!("image built in {:.0?}: {}", t0.elapsed(), out.display());
-        Image::load(&out.join("image.env"))
+        let mut img = Image::load(&out.join("image.env"));
+        img.ours = true;
+        img
     }
 
     fn inspect(&self) -> Value {
@@ -737,7 +750,6 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         err.contains("`nft` not found"),
         "the failure names nft: {err}"
     );
-    let _ = podman(&["rmi", "-f", &broken.id]).output();
     eprintln!("the image test took {:.0?}", t0.elapsed());
 }
 
