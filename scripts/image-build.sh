@@ -21,6 +21,7 @@
 #                     and go on (the test suite: a Debian point release must not fail it)
 #   --update-lock     write the package set resolved now into image/packages.lock
 #   --rootfs-only     only make (or find) the cached root filesystem, build no image
+#   --no-sizes        skip sizes.txt (what takes the space; some seconds)
 #   --no-cache        make the root filesystem anew (debootstrap) even if it is cached
 #   --tag NAME:TAG    the image's name (default: localhost/weft:VERSION)
 #
@@ -54,7 +55,7 @@ LOCK="$ROOT/image/packages.lock"
 log() { printf 'image-build: %s\n' "$*" >&2; }
 die() { printf 'image-build: error: %s\n' "$*" >&2; exit 1; }
 
-revision_arg="" out="$ROOT/target/image" rev=HEAD binaries="" without="" allow_drift=0 update_lock=0 no_cache=0 tag="" rootfs_only=0
+revision_arg="" out="$ROOT/target/image" rev=HEAD binaries="" without="" allow_drift=0 update_lock=0 no_cache=0 tag="" rootfs_only=0 sizes=1
 while (($#)); do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -65,6 +66,7 @@ while (($#)); do
     --allow-drift) allow_drift=1; shift ;;
     --update-lock) update_lock=1; shift ;;
     --no-cache) no_cache=1; shift ;;
+    --no-sizes) sizes=0; shift ;;
     --rootfs-only) rootfs_only=1; shift ;;
     --tag) tag="$2"; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
@@ -364,21 +366,25 @@ ENV
 
 # --- sizes ---------------------------------------------------------------------------------
 layer_bytes="$(python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(open(sys.argv[1]))["layers"]))' "$manifest")"
-(
-  cd "$bundle/rootfs"
-  printf 'image %s (%s)\ncompressed (the layer, gzip): %s bytes = %.1f MB\nuncompressed: %s\n\n' \
-    "$tag" "$manifest_digest" "$layer_bytes" "$(awk -v b="$layer_bytes" 'BEGIN { print b / 1000000 }')" "$(du -sh --apparent-size . | cut -f1)"
-  echo "what takes the space (each part gzip-compressed on its own, bytes; files of the Debian packages per package)"
-  gz() { tar --no-recursion --null -T - -cf - 2>/dev/null | gzip -n -6 | wc -c; }
-  printf '%10s  %s\n' "$(printf 'usr/local/bin/weft\0' | gz)" "weft"
-  printf '%10s  %s\n' "$(printf 'usr/local/bin/weft-cni\0' | gz)" "weft-cni"
-  for list in var/lib/dpkg/info/*.list; do
-    pkg="$(basename "$list" .list)"
-    bytes="$(sed 's#^/##' "$list" | while IFS= read -r f; do if [[ -f $f && ! -L $f ]]; then printf '%s\0' "$f"; fi; done | gz)"
-    printf '%10s  %s\n' "$bytes" "$pkg"
-  done | sort -rn
-  printf '%10s  %s\n' "$(printf 'var/lib/dpkg\0var/cache/debconf\0' | tar --null -T - -cf - | gzip -n -6 | wc -c)" "dpkg and debconf databases"
-) >"$out/sizes.txt"
+if ((sizes)); then
+  (
+    cd "$bundle/rootfs"
+    printf 'image %s (%s)\ncompressed (the layer, gzip): %s bytes = %.1f MB\nuncompressed: %s\n\n' \
+      "$tag" "$manifest_digest" "$layer_bytes" "$(awk -v b="$layer_bytes" 'BEGIN { print b / 1000000 }')" "$(du -sh --apparent-size . | cut -f1)"
+    echo "what takes the space (each part gzip-compressed on its own, bytes; files of the Debian packages per package)"
+    gz() { tar --no-recursion --null -T - -cf - 2>/dev/null | gzip -n -6 | wc -c; }
+    printf '%10s  %s\n' "$(printf 'usr/local/bin/weft\0' | gz)" "weft"
+    printf '%10s  %s\n' "$(printf 'usr/local/bin/weft-cni\0' | gz)" "weft-cni"
+    for list in var/lib/dpkg/info/*.list; do
+      pkg="$(basename "$list" .list)"
+      bytes="$(sed 's#^/##' "$list" | while IFS= read -r f; do if [[ -f $f && ! -L $f ]]; then printf '%s\0' "$f"; fi; done | gz)"
+      printf '%10s  %s\n' "$bytes" "$pkg"
+    done | sort -rn
+    printf '%10s  %s\n' "$(printf 'var/lib/dpkg\0var/cache/debconf\0' | tar --null -T - -cf - | gzip -n -6 | wc -c)" "dpkg and debconf databases"
+  ) >"$out/sizes.txt"
+else
+  printf 'image %s (%s)\ncompressed (the layer, gzip): %s bytes\n' "$tag" "$manifest_digest" "$layer_bytes" >"$out/sizes.txt"
+fi
 log "image $tag: $manifest_digest, $(sed -n 2p "$out/sizes.txt")"
 log "  $oci_tar"
 log "  $docker_tar"

@@ -172,7 +172,7 @@ impl Image {
         let t0 = Instant::now();
         run(Command::new("bash")
             .arg(repo().join("scripts/image-build.sh"))
-            .args(["--binaries", bins, "--allow-drift", "--out"])
+            .args(["--binaries", bins, "--allow-drift", "--no-sizes", "--out"])
             .arg(out)
             .args(extra)
             .stdout(Stdio::null()));
