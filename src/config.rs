@@ -129,6 +129,8 @@ pub struct Settings {
     pub node_bind: IpAddr,
     /// Connect to apps with the client's own source IP (needs IP_TRANSPARENT / CAP_NET_ADMIN).
     pub preserve_source_ip: bool,
+    /// How long the metric series of a workload that is gone stay exported.
+    pub metrics_retention: Duration,
 }
 
 impl Default for Settings {
@@ -146,6 +148,7 @@ impl Default for Settings {
             limits: Limits::default(),
             node_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             preserve_source_ip: true,
+            metrics_retention: Duration::from_secs(300),
         }
     }
 }

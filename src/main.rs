@@ -279,6 +279,9 @@ struct RunArgs {
     /// Seconds live connections get to finish on shutdown.
     #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
+    /// Seconds the metric series of a departed workload stay exported.
+    #[arg(long, env = "WEFT_METRICS_RETENTION_SECONDS", default_value_t = 300)]
+    metrics_retention_seconds: u64,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -443,6 +446,7 @@ impl RunArgs {
             node_bind: self.node_bind,
             preserve_source_ip: self.preserve_source_ip,
             limits: self.limits.limits(),
+            metrics_retention: Duration::from_secs(self.metrics_retention_seconds),
             ..Settings::default()
         };
         s.ports.outbound = self.outbound_port;

@@ -193,6 +193,11 @@ impl Node {
             ));
         }
         tasks.push(tokio::spawn(revalidate_on_change(ctx.clone())));
+        tasks.push(tokio::spawn(forget_departed_workloads(
+            state.clone(),
+            metrics.clone(),
+            settings.metrics_retention,
+        )));
 
         let captured = {
             let enroller = enroller.clone();
@@ -258,6 +263,30 @@ impl Node {
         info!(left = live(), "drain finished");
         for t in &self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// Now and then, drops the metric series of workloads gone for longer than `retention`.
+async fn forget_departed_workloads(
+    state: Arc<StateStore>,
+    metrics: Arc<Metrics>,
+    retention: Duration,
+) {
+    let mut tick = tokio::time::interval(
+        (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60)),
+    );
+    loop {
+        tick.tick().await;
+        let snap = state.snapshot();
+        let present: std::collections::HashSet<(&str, &str)> = snap
+            .workloads
+            .values()
+            .map(|w| (w.namespace.as_str(), w.workload_name_or_name()))
+            .collect();
+        let removed = metrics.forget_departed(|ns, name| present.contains(&(ns, name)), retention);
+        if removed > 0 {
+            info!(removed, "metric series of departed workloads removed");
         }
     }
 }

@@ -244,3 +244,76 @@ async fn unreachable_upstream_closes_the_client() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_departed_workloads_are_dropped_after_the_retention() {
+    let subnet = unique_subnet();
+    let dir = tempfile::tempdir().unwrap();
+    let both = two_workloads(subnet);
+    let cfg = write_config(dir.path(), &both);
+    let a = start_node("a", &cfg).await;
+    let b = start_node_with(
+        weft::config::Settings {
+            metrics_retention: Duration::from_secs(1),
+            ..settings("b")
+        },
+        &cfg,
+    )
+    .await;
+    let (echo, _) = echo_server(ip(subnet, 3)).await;
+    let (_fwd, entry) = forward(&a, "client-uid", ip(subnet, 2), echo);
+    assert_eq!(echo_roundtrip(entry, Arc::new(b"hi".to_vec())).await, b"hi");
+    let client = ["reporter=\"destination\"", "source_workload=\"client\""];
+    eventually_metric(
+        b.metrics_addr,
+        "istio_tcp_connections_closed_total",
+        &client,
+        1.0,
+    )
+    .await;
+
+    // The client workload leaves; its series stay for the retention, then go.
+    let only_server = format!(
+        "workloads:\n{}",
+        &both[both.find("- uid: server-uid").unwrap()..]
+    );
+    replace_file(&cfg, only_server);
+    eventually("the client is gone from b's state", || {
+        b.ctx
+            .state
+            .snapshot()
+            .workload_by_uid("client-uid")
+            .is_none()
+    })
+    .await;
+    let left = Instant::now();
+    assert!(
+        metric(
+            &scrape(b.metrics_addr).await,
+            "istio_tcp_connections_opened_total",
+            &client
+        )
+        .is_some(),
+        "kept during the retention"
+    );
+    let mut text = scrape(b.metrics_addr).await;
+    while metric(&text, "istio_tcp_connections_opened_total", &client).is_some() {
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "the departed client's series were never dropped:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text = scrape(b.metrics_addr).await;
+    }
+    assert!(
+        left.elapsed() >= Duration::from_millis(900),
+        "dropped before the retention"
+    );
+    for name in [
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+        "istio_tcp_connections_closed_total",
+    ] {
+        assert_eq!(metric(&text, name, &client), None, "{name}");
+    }
+}

@@ -33,6 +33,12 @@ pub enum ResponseFlags {
 }
 
 impl ResponseFlags {
+    pub const ALL: [ResponseFlags; 3] = [
+        ResponseFlags::None,
+        ResponseFlags::Deny,
+        ResponseFlags::Connect,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ResponseFlags::None => "-",

@@ -10,6 +10,7 @@ pub mod labels;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -99,6 +100,8 @@ pub struct Metrics {
     /// Every connection label set seen, with its counters. Like the families above it only
     /// grows: a series, once exported, stays.
     series: RwLock<HashMap<ConnLabels, Arc<ConnSeries>>>,
+    /// Label sets naming a workload that is gone, and since when (see [`Metrics::forget_departed`]).
+    departed: Mutex<HashMap<ConnLabels, Instant>>,
 }
 
 impl Default for Metrics {
@@ -132,6 +135,7 @@ impl Metrics {
             live_connections: Gauge::default(),
             scrape: Mutex::new(()),
             series: RwLock::default(),
+            departed: Mutex::default(),
             registry: Registry::default(),
         };
         // Istio's names; prometheus-client appends `_total` to counters.
@@ -260,6 +264,65 @@ impl Metrics {
         all.entry(labels.clone())
             .or_insert_with(|| Arc::new(ConnSeries::new(self, labels)))
             .clone()
+    }
+
+    /// Drops the connection series of workloads that are gone, so that cardinality follows the
+    /// workloads there are, not every pod that ever ran. A label set goes once its source or
+    /// destination workload (by namespace and name; `present` says which exist) has been gone
+    /// for `retention` and no connection uses it; it is removed from every family, with its
+    /// failure variants. Returns how many label sets were removed.
+    pub fn forget_departed(
+        &self,
+        present: impl Fn(&str, &str) -> bool,
+        retention: Duration,
+    ) -> usize {
+        let now = Instant::now();
+        let gone = |ns: &str, name: &str| name != labels::UNKNOWN && !present(ns, name);
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut expired = Vec::new();
+        {
+            let all = self.series.read().unwrap_or_else(|p| p.into_inner());
+            departed.retain(|l, _| all.contains_key(l));
+            for (l, series) in all.iter() {
+                if !(gone(&l.source_workload_namespace, &l.source_workload)
+                    || gone(&l.destination_workload_namespace, &l.destination_workload))
+                {
+                    departed.remove(l);
+                    continue;
+                }
+                let since = *departed.entry(l.clone()).or_insert(now);
+                // The map's own reference is the only one: no live connection has this set.
+                if now.duration_since(since) >= retention && Arc::strong_count(series) == 1 {
+                    expired.push(l.clone());
+                }
+            }
+        }
+        if expired.is_empty() {
+            return 0;
+        }
+        let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
+        let mut removed = 0;
+        for l in expired {
+            // Taken again under the write lock: a connection may have started meanwhile.
+            if all.get(&l).is_some_and(|s| Arc::strong_count(s) > 1) {
+                continue;
+            }
+            all.remove(&l);
+            departed.remove(&l);
+            for flags in labels::ResponseFlags::ALL {
+                let variant = ConnLabels {
+                    response_flags: flags,
+                    ..l.clone()
+                };
+                self.connections_opened.remove(&variant);
+                self.connections_closed.remove(&variant);
+                self.connections_failed.remove(&variant);
+                self.sent_bytes.remove(&variant);
+                self.received_bytes.remove(&variant);
+            }
+            removed += 1;
+        }
+        removed
     }
 
     pub fn record_reload(&self, ok: bool) {
