@@ -172,7 +172,7 @@ impl Image {
         let t0 = Instant::now();
         run(Command::new("bash")
             .arg(repo().join("scripts/image-build.sh"))
-            .args(["--binaries", bins, "--allow-drift", "--no-sizes", "--out"])
+            .args(["--binaries", bins, "--allow-drift", "--fast", "--out"])
             .arg(out)
             .args(extra)
             .stdout(Stdio::null()));
