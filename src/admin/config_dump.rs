@@ -141,18 +141,17 @@ fn policy_match(m: &Match) -> Value {
     put("notPrincipals", strings(&m.not_principals));
     put("serviceAccounts", accounts(&m.service_accounts));
     put("notServiceAccounts", accounts(&m.not_service_accounts));
-    let ips: Vec<_> = nets(&m.source_ips)
-        .into_iter()
-        .chain(nets(&m.remote_ips))
-        .map(Value::from)
-        .collect();
-    put("sourceIps", ips);
-    let not_ips: Vec<_> = nets(&m.not_source_ips)
-        .into_iter()
-        .chain(nets(&m.not_remote_ips))
-        .map(Value::from)
-        .collect();
-    put("notSourceIps", not_ips);
+    put(
+        "sourceIps",
+        nets(&m.source_ips).into_iter().map(Value::from).collect(),
+    );
+    put(
+        "notSourceIps",
+        nets(&m.not_source_ips)
+            .into_iter()
+            .map(Value::from)
+            .collect(),
+    );
     put(
         "destinationIps",
         nets(&m.destination_ips)

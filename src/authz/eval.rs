@@ -24,8 +24,8 @@ pub struct Target<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnFacts<'a> {
     /// The connection's source as seen by the destination: the HBONE peer's
-    /// address, or the TCP peer for plaintext. Also used for `remoteIpBlocks`
-    /// and `remote.ip`, since L4 traffic carries no X-Forwarded-For.
+    /// address, or the TCP peer for plaintext. (`remoteIpBlocks` and
+    /// `remote.ip` are not L4 attributes; see `k8s_form`.)
     pub source_ip: IpAddr,
     /// The peer's SPIFFE identity without `spiffe://`, e.g.
     /// `cluster.local/ns/x/sa/y`. `None` for plaintext traffic.

@@ -493,12 +493,19 @@ impl Cx<'_> {
             .collect())
     }
 
-    fn principal_matches(&self, v: &Value, field: &str) -> Result<Vec<StringMatch>, AuthzError> {
-        Ok(self
-            .string_matches(v, field)?
-            .into_iter()
-            .map(StringMatch::into_principal)
-            .collect())
+    /// Principal patterns, as written (see [`Match::spiffe_uri_warnings`]).
+    fn principal_matches(
+        &mut self,
+        v: &Value,
+        field: &str,
+    ) -> Result<Vec<StringMatch>, AuthzError> {
+        let found = self.string_matches(v, field)?;
+        if found.iter().any(StringMatch::is_spiffe_uri) {
+            self.warnings.push(format!(
+                "{field}: a principal written with spiffe:// never matches; Istio compares principals without it"
+            ));
+        }
+        Ok(found)
     }
 
     fn ip_blocks(&self, v: &Value, field: &str) -> Result<Vec<ipnet::IpNet>, AuthzError> {
@@ -722,17 +729,13 @@ impl Cx<'_> {
                 }
                 "ipBlocks" => m.source_ips = self.ip_blocks(v, &field)?,
                 "notIpBlocks" => m.not_source_ips = self.ip_blocks(v, &field)?,
+                // Not L4 attributes for Istio (the original client behind a proxy): as with
+                // HTTP attributes, an ALLOW rule using them never matches and a DENY rule
+                // applies without them.
                 "remoteIpBlocks" | "notRemoteIpBlocks" => {
-                    let ips = self.ip_blocks(v, &field)?;
-                    if !ips.is_empty() {
-                        self.warnings.push(format!(
-                            "{field}: checked against the connection's source IP (L4 traffic carries no X-Forwarded-For)"
-                        ));
-                    }
-                    if k == "remoteIpBlocks" {
-                        m.remote_ips = ips;
-                    } else {
-                        m.not_remote_ips = ips;
+                    if !self.ip_blocks(v, &field)?.is_empty() {
+                        bad.http.push(k.clone());
+                        unenforceable = true;
                     }
                 }
                 "requestPrincipals" | "notRequestPrincipals" => {
@@ -857,13 +860,6 @@ impl Cx<'_> {
                 m.source_ips = self.ip_blocks(values, &vf)?;
                 m.not_source_ips = self.ip_blocks(not_values, &nf)?;
             }
-            "remote.ip" => {
-                m.remote_ips = self.ip_blocks(values, &vf)?;
-                m.not_remote_ips = self.ip_blocks(not_values, &nf)?;
-                self.warnings.push(format!(
-                    "{at}: remote.ip is checked against the connection's source IP (L4 traffic carries no X-Forwarded-For)"
-                ));
-            }
             "source.namespace" => {
                 m.namespaces = self.string_matches(values, &vf)?;
                 m.not_namespaces = self.string_matches(not_values, &nf)?;
@@ -881,7 +877,9 @@ impl Cx<'_> {
                 m.not_destination_ports = self.ports(not_values, &nf)?;
             }
             other => {
-                if other.starts_with("request.") {
+                // Istio's L4 keys are the five above; `remote.ip` (the client behind a
+                // proxy) is not one of them.
+                if other.starts_with("request.") || other == "remote.ip" {
                     bad.http.push(other.to_owned());
                 } else {
                     bad.unknown.push(format!("{at}.key: {other}"));
@@ -1148,8 +1146,7 @@ spec:
         for want in [
             "spec.extra: unknown field ignored",
             "spec.rules[0]: HTTP-only attributes (methods, paths) cannot be enforced at L4; in an ALLOW policy this rule never matches",
-            "spec.rules[1].from[0].source.remoteIpBlocks: checked against the connection's source IP",
-            "spec.rules[1]: HTTP-only attributes (request.auth.claims[iss])",
+            "spec.rules[1]: HTTP-only attributes (remoteIpBlocks, request.auth.claims[iss])",
         ] {
             assert!(w.contains(want), "missing {want:?} in:\n{w}");
         }
@@ -1197,7 +1194,7 @@ spec:
     }
 
     #[test]
-    fn numbers_and_spiffe_prefixes_are_normalised() {
+    fn numbers_are_normalised_and_spiffe_principals_kept_as_written() {
         let p = policy(json!({"rules": [{"to": [{"operation": {"ports": [80]}}],
             "from": [{"source": {"notPrincipals": ["spiffe://td/ns/a/sa/b"]}}]}]}))
         .expect("valid");
@@ -1205,9 +1202,15 @@ spec:
         assert!(clauses
             .iter()
             .any(|c| c.matches[0].destination_ports == vec![80]));
-        assert!(clauses.iter().any(
-            |c| c.matches[0].not_principals == vec![StringMatch::Exact("td/ns/a/sa/b".into())]
-        ));
+        assert!(clauses.iter().any(|c| c.matches[0].not_principals
+            == vec![StringMatch::Exact("spiffe://td/ns/a/sa/b".into())]));
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("spiffe://") && w.contains("never matches")),
+            "{:?}",
+            p.warnings
+        );
     }
 
     #[test]

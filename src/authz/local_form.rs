@@ -234,6 +234,7 @@ impl TryFrom<LocalPolicy> for Policy {
                     if converted.is_empty() {
                         warnings.push(format!("{at}: empty match never matches (as in ztunnel)"));
                     }
+                    warnings.extend(converted.spiffe_uri_warnings(&at));
                     matches.push(converted);
                 }
                 if !matches_all {
@@ -256,11 +257,6 @@ impl TryFrom<LocalPolicy> for Policy {
 
 fn convert_match(m: LocalMatch) -> Match {
     let strings = |v: Vec<LocalStringMatch>| v.into_iter().map(|s| s.0).collect::<Vec<_>>();
-    let principals = |v: Vec<LocalStringMatch>| {
-        v.into_iter()
-            .map(|s| s.0.into_principal())
-            .collect::<Vec<_>>()
-    };
     let ips = |v: Vec<LocalIpBlock>| v.into_iter().map(|b| b.0).collect::<Vec<_>>();
     let ports = |v: Vec<LocalPort>| v.into_iter().map(|p| p.0).collect::<Vec<_>>();
     let accounts = |v: Vec<LocalServiceAccount>| {
@@ -272,16 +268,14 @@ fn convert_match(m: LocalMatch) -> Match {
             .collect::<Vec<_>>()
     };
     Match {
-        principals: principals(m.principals),
-        not_principals: principals(m.not_principals),
+        principals: strings(m.principals),
+        not_principals: strings(m.not_principals),
         namespaces: strings(m.namespaces),
         not_namespaces: strings(m.not_namespaces),
         service_accounts: accounts(m.service_accounts),
         not_service_accounts: accounts(m.not_service_accounts),
         source_ips: ips(m.source_ips),
         not_source_ips: ips(m.not_source_ips),
-        remote_ips: Vec::new(),
-        not_remote_ips: Vec::new(),
         destination_ips: ips(m.destination_ips),
         not_destination_ips: ips(m.not_destination_ips),
         destination_ports: ports(m.destination_ports),
@@ -330,7 +324,7 @@ policies:
   rules:
   - - - principals:
         - Exact: cluster.local/ns/a/sa/client
-        - Prefix: spiffe://cluster.local/ns/b/
+        - Prefix: cluster.local/ns/b/
       - namespaces:
         - Presence: []
         - Suffix: -prod

@@ -47,12 +47,13 @@ impl StringMatch {
         }
     }
 
-    /// Principals are compared without `spiffe://`; users may still write it.
-    pub(crate) fn into_principal(self) -> Self {
+    /// A principal pattern that can never match: the peer's principal is compared without
+    /// `spiffe://` and the pattern as written (as Istio does), so one written with the prefix
+    /// matches nobody. Worth a warning.
+    pub(crate) fn is_spiffe_uri(&self) -> bool {
         match self {
-            StringMatch::Exact(s) => StringMatch::Exact(strip_spiffe(&s).to_owned()),
-            StringMatch::Prefix(s) => StringMatch::Prefix(strip_spiffe(&s).to_owned()),
-            other => other,
+            StringMatch::Exact(s) | StringMatch::Prefix(s) => s.starts_with("spiffe://"),
+            _ => false,
         }
     }
 
@@ -73,8 +74,8 @@ pub struct ServiceAccountMatch {
     pub service_account: String,
 }
 
-/// Removes a leading `spiffe://`, if any.
-pub(crate) fn strip_spiffe(s: &str) -> &str {
+/// The peer's principal: its SPIFFE identity without the leading `spiffe://`.
+fn strip_spiffe(s: &str) -> &str {
     s.strip_prefix("spiffe://").unwrap_or(s)
 }
 
@@ -179,8 +180,6 @@ impl Match {
             *p == f.destination_port
         }) && check(&self.source_ips, &self.not_source_ips, |n| {
             n.contains(&f.source_ip)
-        }) && check(&self.remote_ips, &self.not_remote_ips, |n| {
-            n.contains(&f.source_ip)
         }) && check(&self.destination_ips, &self.not_destination_ips, |n| {
             n.contains(&f.destination_ip)
         }) && check(&self.principals, &self.not_principals, |m| {
@@ -241,11 +240,14 @@ mod tests {
     }
 
     #[test]
-    fn spiffe_prefix_is_stripped_from_patterns() {
-        let m = StringMatch::from_istio("spiffe://cluster.local/ns/a/*").into_principal();
-        assert_eq!(m, StringMatch::Prefix("cluster.local/ns/a/".into()));
-        let m = StringMatch::from_istio("spiffe://td/ns/a/sa/b").into_principal();
-        assert_eq!(m, StringMatch::Exact("td/ns/a/sa/b".into()));
+    fn principal_patterns_are_compared_as_written() {
+        let m = StringMatch::from_istio("spiffe://td/ns/a/sa/b");
+        assert!(m.is_spiffe_uri());
+        assert!(
+            !m.matches("td/ns/a/sa/b"),
+            "the peer's principal has no spiffe://"
+        );
+        assert!(!StringMatch::from_istio("td/ns/a/*").is_spiffe_uri());
     }
 
     #[test]

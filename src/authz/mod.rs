@@ -15,8 +15,11 @@
 //!   negations (`notPrincipals`, ...) do, as in ztunnel and Envoy. So the
 //!   usual "require mTLS" policy, DENY with `notPrincipals: ["*"]`, denies
 //!   plaintext traffic.
-//! - `remoteIpBlocks` and `remote.ip` are checked against the connection's
-//!   source IP: L4 traffic carries no X-Forwarded-For.
+//! - `remoteIpBlocks` and `remote.ip` are not L4 attributes (as in Istio's
+//!   translation for ztunnel): treated like HTTP attributes below.
+//! - Principal patterns are compared as written with the peer's identity
+//!   without `spiffe://`: a pattern written with the prefix never matches
+//!   (a warning says so).
 //! - A namespace-wide policy in the root namespace is mesh-wide; a selector
 //!   policy there selects in every namespace.
 //!

@@ -120,14 +120,6 @@ pub struct Match {
     pub source_ips: Vec<IpNet>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_source_ips: Vec<IpNet>,
-    /// Istio's `remoteIpBlocks` / `remote.ip`: the original client IP. At L4
-    /// there is no X-Forwarded-For, so weft checks the same source IP as
-    /// `source_ips`. Kept apart from `source_ips` because both lists may be
-    /// given in one source and must each hold.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub remote_ips: Vec<IpNet>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub not_remote_ips: Vec<IpNet>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub destination_ips: Vec<IpNet>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -139,6 +131,17 @@ pub struct Match {
 }
 
 impl Match {
+    /// A warning for each principal pattern written as a `spiffe://` URI: compared as written
+    /// against principals that have no such prefix, it never matches (Istio's semantics).
+    pub fn spiffe_uri_warnings(&self, at: &str) -> Vec<String> {
+        self.principals
+            .iter()
+            .chain(&self.not_principals)
+            .filter(|p| p.is_spiffe_uri())
+            .map(|p| format!("{at}: principal {p:?} starts with spiffe:// and never matches; write it without (e.g. cluster.local/ns/NS/sa/SA)"))
+            .collect()
+    }
+
     /// True when no condition is set (see the type's docs for what that means).
     pub fn is_empty(&self) -> bool {
         self.principals.is_empty()
@@ -149,8 +152,6 @@ impl Match {
             && self.not_service_accounts.is_empty()
             && self.source_ips.is_empty()
             && self.not_source_ips.is_empty()
-            && self.remote_ips.is_empty()
-            && self.not_remote_ips.is_empty()
             && self.destination_ips.is_empty()
             && self.not_destination_ips.is_empty()
             && self.destination_ports.is_empty()

@@ -123,7 +123,9 @@ fn cases() -> Vec<Case> {
         c("principal suffix", p(from("principals: ['*/sa/client']")), MTLS, true, P),
         c("principal presence", p(from("principals: ['*']")), MTLS, true, P),
         c("principal presence plaintext", p(from("principals: ['*']")), PLAIN, false, None),
-        c("principal with spiffe:// written", p(from("principals: ['spiffe://cluster.local/ns/a/sa/client']")), MTLS, true, P),
+        // Istio compares the pattern as written with the principal, which has no spiffe://.
+        c("principal with spiffe:// written never matches", p(from("principals: ['spiffe://cluster.local/ns/a/sa/client']")), MTLS, false, None),
+        c("notPrincipals with spiffe:// written always holds", p(deny("[{from: [{source: {notPrincipals: ['spiffe://cluster.local/ns/a/sa/client']}}]}]")), MTLS, false, P),
         c("principal exact plaintext", p(from("principals: [cluster.local/ns/a/sa/client]")), PLAIN, false, None),
         c("notPrincipals other", p(from("notPrincipals: [cluster.local/ns/a/sa/other]")), MTLS, true, P),
         c("notPrincipals self", p(from("notPrincipals: [cluster.local/ns/a/sa/client]")), MTLS, false, None),
@@ -152,8 +154,11 @@ fn cases() -> Vec<Case> {
         c("ipBlocks v6 bare miss", p(from("ipBlocks: ['fd00:1::8']")), conn("fd00:1::7", None, 80), false, None),
         c("ipBlocks v4 vs v6 source", p(from("ipBlocks: [0.0.0.0/0]")), conn("fd00:1::7", None, 80), false, None),
         c("notIpBlocks", p(from("notIpBlocks: [10.0.1.0/24]")), MTLS, false, None),
-        c("remoteIpBlocks uses source IP", p(from("remoteIpBlocks: [10.0.1.0/24]")), PLAIN, true, P),
-        c("notRemoteIpBlocks", p(from("notRemoteIpBlocks: [10.0.1.5]")), PLAIN, false, None),
+        // Not L4 attributes: an ALLOW rule using them never matches, a DENY rule applies
+        // without them.
+        c("remoteIpBlocks is not L4 (ALLOW)", p(from("remoteIpBlocks: [10.0.1.0/24]")), PLAIN, false, None),
+        c("notRemoteIpBlocks is not L4 (ALLOW)", p(from("notRemoteIpBlocks: [10.0.1.9]")), PLAIN, false, None),
+        c("remoteIpBlocks is not L4 (DENY)", p(deny("[{from: [{source: {remoteIpBlocks: [192.0.2.0/24], namespaces: [a]}}]}]")), MTLS, false, P),
         c("ipBlocks AND principals", p(from("ipBlocks: [10.0.1.0/24], principals: [cluster.local/ns/a/sa/other]")), MTLS, false, None),
         // --- ports
         c("ports", p(allow("[{to: [{operation: {ports: ['80']}}]}]")), MTLS, true, P),
@@ -170,7 +175,8 @@ fn cases() -> Vec<Case> {
         c("when destination.port", p(when("key: destination.port, values: ['80', '443']")), MTLS, true, P),
         c("when destination.port miss", p(when("key: destination.port, values: ['443']")), MTLS, false, None),
         c("when destination.ip", p(when("key: destination.ip, values: [10.0.2.0/24]")), MTLS, true, P),
-        c("when remote.ip", p(when("key: remote.ip, values: [10.0.1.5]")), MTLS, true, P),
+        c("when remote.ip is not L4 (ALLOW)", p(when("key: remote.ip, values: [10.0.1.5]")), MTLS, false, None),
+        c("when remote.ip is not L4 (DENY)", p(deny("[{when: [{key: remote.ip, values: [192.0.2.1]}, {key: source.namespace, values: [a]}]}]")), MTLS, false, P),
         c("when values AND notValues", p(when("key: destination.port, values: ['80'], notValues: ['80']")), MTLS, false, None),
         c("two when conditions are ANDed", p(allow("[{when: [{key: destination.port, values: ['80']}, {key: source.namespace, values: [b]}]}]")), MTLS, false, None),
         // --- OR / AND structure
