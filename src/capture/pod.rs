@@ -32,6 +32,12 @@ impl SocketFactory for NetnsSockets {
             .map_err(worker_error)?
     }
 
+    /// The capture routes replies to foreign sources back to weft (weft's own policy routing,
+    /// or the CNI agent's).
+    fn returns_replies_to(&self, _source: IpAddr) -> bool {
+        true
+    }
+
     fn listen(&self, addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener> {
         let local = self.local.clone();
         self.netns

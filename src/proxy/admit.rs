@@ -167,7 +167,10 @@ impl InboundDoor {
                 }
             }
         };
-        if !self.ctx.settings.preserve_source_ip || client_ip.is_ipv4() != dest.is_ipv4() {
+        if !self.ctx.settings.preserve_source_ip
+            || client_ip.is_ipv4() != dest.is_ipv4()
+            || !self.factory.returns_replies_to(client_ip)
+        {
             return attempt(None).await;
         }
         match attempt(Some(client_ip)).await {

@@ -23,6 +23,12 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// It is tuned like [`SocketFactory::tcp`]'s, and Linux hands those options down to every
     /// accepted connection, so accepted sockets need no system calls of their own for them.
     fn listen(&self, addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener>;
+
+    /// Whether a connection opened from `source`, a client's address rather than one of this
+    /// namespace's own, gets its replies back. Only then may weft preserve the client's
+    /// address: elsewhere the replies would be routed to the client itself and the connection
+    /// would hang.
+    fn returns_replies_to(&self, source: IpAddr) -> bool;
 }
 
 /// Sockets in the calling thread's network namespace.
@@ -72,6 +78,12 @@ impl SocketFactory for LocalSockets {
         s.listen(1024)?;
         Ok(s.into())
     }
+
+    /// Right here nothing routes replies to weft, except on loopback, where every address is
+    /// this host's own (the in-process tests' workloads live there).
+    fn returns_replies_to(&self, source: IpAddr) -> bool {
+        source.is_loopback()
+    }
 }
 
 /// Socket options for every proxied connection, accepted or opened: no Nagle delay (weft
@@ -114,6 +126,14 @@ pub async fn connect(
 mod tests {
     use super::*;
     use socket2::SockRef;
+
+    #[test]
+    fn right_here_only_loopback_clients_keep_their_address() {
+        let here = LocalSockets { mark: None };
+        assert!(here.returns_replies_to("127.3.4.5".parse().unwrap()));
+        assert!(here.returns_replies_to("::1".parse().unwrap()));
+        assert!(!here.returns_replies_to("10.250.2.2".parse().unwrap()));
+    }
 
     #[tokio::test]
     async fn accepted_and_opened_sockets_carry_the_listener_tuning() {
