@@ -1000,15 +1000,27 @@ fn readme_istio_install_steps_put_weft_into_the_ztunnel_chart() {
         &[("ISTIO_CHARTS", charts.to_str().unwrap())],
     );
 
+    let image = block
+        .lines()
+        .find_map(|l| l.strip_prefix("IMAGE="))
+        .map(|v| v.split_whitespace().next().unwrap().to_string())
+        .expect("the block sets IMAGE=");
+    assert!(block.contains("--set image=\"$IMAGE\""), "{block}");
+    // Without --set, the values name the image daemonset/ names.
     let values: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(repo().join("daemonset/istio/values.yaml")).unwrap(),
     )
     .expect("values.yaml");
+    assert_eq!(
+        values["image"],
+        named(&daemonset_pod()["containers"], "weft")["image"]
+    );
     let ds = get(&api, &["get", "daemonset", "ztunnel", "-n", "istio-system"]);
     let pod = &ds["spec"]["template"]["spec"];
     let c = named(&pod["containers"], "istio-proxy");
     assert_eq!(
-        c["image"], values["image"],
+        c["image"],
+        image.as_str(),
         "weft's image in ztunnel's place"
     );
     assert_eq!(
