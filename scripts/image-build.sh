@@ -109,6 +109,7 @@ elif [[ -n $binaries ]]; then
     strip --strip-all -o "$bins/$b" "$binaries/$b"
   done
   revision="$("$bins/weft" version | sed -n 's/^weft [^ ]* (git \([^)]*\))$/\1/p')"
+  [[ $revision != unknown ]] || revision=""
   [[ -n $revision ]] || revision="$(git -C "$ROOT" rev-parse --verify "${revision_arg:-none}^{commit}" 2>/dev/null || true)"
   [[ -n $revision ]] || die "$binaries/weft version does not name a git revision"
   # The binaries say which commit they are; its time is the image's.
