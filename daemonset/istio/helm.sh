@@ -57,7 +57,9 @@ install() {
   GO="$(find_go)"
   [[ -f $CHART/Chart.yaml ]] || (cd "$GO_DIR" && gocmd mod download "istio.io/istio@$ISTIO_VERSION") >&2
   [[ -f $CHART/Chart.yaml ]] || die "no ztunnel chart at $CHART"
-  local stamp="helm.sh/helm/v3/cmd/helm@$HELM_VERSION $("$GO" env GOVERSION)"
+  local stamp goversion
+  goversion="$("$GO" env GOVERSION)"
+  stamp="helm.sh/helm/v3/cmd/helm@$HELM_VERSION $goversion"
   if [[ ! -x $HELM_BIN || "$(cat "$HELM_BIN.stamp" 2>/dev/null)" != "$stamp" ]]; then
     echo "helm.sh: building helm $HELM_VERSION from its Go module (a few minutes, once)" >&2
     mkdir -p "$CACHE/bin"
