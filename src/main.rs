@@ -12,7 +12,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{filter::Targets, reload};
 
 use weft::admin::LogControl;
-use weft::config::{Limits, Settings};
+use weft::config::{Limits, Ports, Settings};
 use weft::grpc::{GrpcTarget, TokenFile};
 use weft::identity::istio_ca::{IstioCa, IstioCaSettings};
 use weft::identity::{CertificateAuthority, CertificateSigner, Identity};
@@ -248,19 +248,19 @@ struct RunArgs {
     #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "istio-system")]
     root_namespace: String,
     /// SO_MARK on weft's own sockets (hex with 0x, or decimal).
-    #[arg(long, env = "WEFT_MARK", default_value = "0x539", value_parser = parse_u32)]
+    #[arg(long, env = "WEFT_MARK", default_value_t = Settings::default().mark, value_parser = parse_u32)]
     mark: u32,
-    #[arg(long, env = "WEFT_OUTBOUND_PORT", default_value_t = 15001)]
+    #[arg(long, env = "WEFT_OUTBOUND_PORT", default_value_t = Ports::default().outbound)]
     outbound_port: u16,
-    #[arg(long, env = "WEFT_INBOUND_PLAINTEXT_PORT", default_value_t = 15006)]
+    #[arg(long, env = "WEFT_INBOUND_PLAINTEXT_PORT", default_value_t = Ports::default().inbound_plaintext)]
     inbound_plaintext_port: u16,
-    #[arg(long, env = "WEFT_HBONE_PORT", default_value_t = 15008)]
+    #[arg(long, env = "WEFT_HBONE_PORT", default_value_t = Ports::default().hbone)]
     hbone_port: u16,
-    #[arg(long, env = "WEFT_ADMIN_PORT", default_value_t = 15000)]
+    #[arg(long, env = "WEFT_ADMIN_PORT", default_value_t = Ports::default().admin)]
     admin_port: u16,
-    #[arg(long, env = "WEFT_METRICS_PORT", default_value_t = 15020)]
+    #[arg(long, env = "WEFT_METRICS_PORT", default_value_t = Ports::default().metrics)]
     metrics_port: u16,
-    #[arg(long, env = "WEFT_READINESS_PORT", default_value_t = 15021)]
+    #[arg(long, env = "WEFT_READINESS_PORT", default_value_t = Ports::default().readiness)]
     readiness_port: u16,
     /// Address for the metrics and readiness listeners (admin is always 127.0.0.1).
     #[arg(long, env = "WEFT_NODE_BIND", default_value = "0.0.0.0")]

@@ -280,8 +280,10 @@ async fn rolling_update_under_load_fails_no_connection() {
         a_exit.1 && b_exit.1,
         "the old wefts exit cleanly after their drain"
     );
+    // A floor that says the load was real, not a performance target: on a calm 2-core
+    // machine this runs at 550-700/s (BENCHMARKS.md); other work on the machine slows it.
     assert!(
-        rate >= 500.0,
+        rate >= 250.0,
         "the load was too light to show anything: {rate:.0} connections/s"
     );
     // The new wefts carry the traffic now.

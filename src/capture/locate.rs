@@ -7,18 +7,16 @@
 //! enroller opens it at once and keeps the fd, so the process may exit later.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use nix::ifaddrs::getifaddrs;
-use nix::sched::{setns, CloneFlags};
 use tracing::{debug, info, warn};
 
 use crate::state::Workload;
 
-use super::netns::NsId;
+use super::netns::{Netns, NsId};
 
 /// One scan of the node: which namespace holds which address.
 #[derive(Debug, Default)]
@@ -37,9 +35,7 @@ pub enum Located<'a> {
 
 impl NetnsIndex {
     /// Scans every process's netns except weft's own (the host's addresses are not pods').
-    ///
-    /// Runs on a throwaway thread: `setns` changes only the calling thread, and this one exits
-    /// when done instead of having to find its way back.
+    /// Each namespace is read by its own [`Netns`] worker; the calling thread stays home.
     pub fn scan() -> io::Result<NetnsIndex> {
         let own = NsId::of_path("/proc/self/ns/net")?;
         let mut candidates: HashMap<NsId, PathBuf> = HashMap::new();
@@ -58,25 +54,18 @@ impl NetnsIndex {
                 candidates.entry(id).or_insert(path);
             }
         }
-        let scanned = std::thread::Builder::new()
-            .name("weft-netns-scan".into())
-            .spawn(move || {
-                let mut index = NetnsIndex::default();
-                for (id, path) in candidates {
-                    match addresses_in(&path) {
-                        Ok(ips) => {
-                            for ip in ips {
-                                index.by_ip.entry(ip).or_default().push((id, path.clone()));
-                            }
-                        }
-                        Err(e) => debug!(path = %path.display(), error = %e, "skipping netns"),
+        let mut index = NetnsIndex::default();
+        for (id, path) in candidates {
+            match addresses_in(&path) {
+                Ok(ips) => {
+                    for ip in ips {
+                        index.by_ip.entry(ip).or_default().push((id, path.clone()));
                     }
                 }
-                index
-            })?
-            .join()
-            .map_err(|_| io::Error::other("netns scan thread panicked"))?;
-        Ok(scanned)
+                Err(e) => debug!(path = %path.display(), error = %e, "skipping netns"),
+            }
+        }
+        Ok(index)
     }
 
     /// The netns holding `ip`, as a path and the namespace's identity.
@@ -89,10 +78,16 @@ impl NetnsIndex {
     }
 }
 
-/// Enters the namespace at `path` (on the calling thread) and lists its non-loopback addresses.
+/// The non-loopback addresses of the namespace at `path`, read inside it by its worker
+/// ([`Netns`], the one way weft enters a namespace).
 fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
-    let file = File::open(path)?;
-    setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    Netns::open(path)
+        .and_then(|ns| ns.run(own_addresses))
+        .map_err(io::Error::other)?
+}
+
+/// The calling thread's namespace's non-loopback addresses.
+fn own_addresses() -> io::Result<Vec<IpAddr>> {
     let mut ips = Vec::new();
     for ifa in getifaddrs().map_err(io::Error::from)? {
         let Some(addr) = ifa.address else { continue };

@@ -44,13 +44,19 @@ pub struct RuleParams {
     pub reply_mark: u32,
 }
 
+/// Ports and mark from the process defaults (`config`, the one place for them); mask and
+/// reply mark are the capture's own.
 impl Default for RuleParams {
     fn default() -> Self {
+        let (ports, settings) = (
+            crate::config::Ports::default(),
+            crate::config::Settings::default(),
+        );
         RuleParams {
-            outbound_port: 15001,
-            inbound_plain_port: 15006,
-            hbone_port: 15008,
-            mark: 0x539,
+            outbound_port: ports.outbound,
+            inbound_plain_port: ports.inbound_plaintext,
+            hbone_port: ports.hbone,
+            mark: settings.mark,
             mask: 0xfff,
             reply_mark: 0x111,
         }
