@@ -21,26 +21,28 @@ pub struct AdmittedConnection {
 
 struct Tracked {
     facts: AdmittedConnection,
-    close: Arc<Notify>,
+    close: Notify,
 }
 
+/// The map's lock is held only to add, remove or copy out entries (a pointer each): opening and
+/// closing connections never waits for a policy re-check, which runs on the copies.
 #[derive(Default)]
 pub struct ConnectionTracker {
     next: AtomicU64,
-    live: Mutex<HashMap<u64, Tracked>>,
+    live: Mutex<HashMap<u64, Arc<Tracked>>>,
 }
 
 /// Registration of one connection; deregisters on drop.
 pub struct TrackedConnection {
     id: u64,
     tracker: Arc<ConnectionTracker>,
-    close: Arc<Notify>,
+    entry: Arc<Tracked>,
 }
 
 impl TrackedConnection {
     /// Resolves when a policy change revoked this connection.
     pub async fn revoked(&self) {
-        self.close.notified().await
+        self.entry.close.notified().await
     }
 }
 
@@ -54,27 +56,27 @@ impl Drop for TrackedConnection {
 impl ConnectionTracker {
     pub fn track(self: &Arc<Self>, facts: AdmittedConnection) -> TrackedConnection {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let close = Arc::new(Notify::new());
+        let entry = Arc::new(Tracked {
+            facts,
+            close: Notify::new(),
+        });
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.insert(
-            id,
-            Tracked {
-                facts,
-                close: close.clone(),
-            },
-        );
+        live.insert(id, entry.clone());
         TrackedConnection {
             id,
             tracker: self.clone(),
-            close,
+            entry,
         }
     }
 
     /// Closes every live connection for which `still_allowed` says no; returns how many.
     pub fn revoke(&self, mut still_allowed: impl FnMut(&AdmittedConnection) -> bool) -> usize {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let live: Vec<Arc<Tracked>> = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.values().cloned().collect()
+        };
         let mut n = 0;
-        for t in live.values() {
+        for t in &live {
             if !still_allowed(&t.facts) {
                 // notify_one stores a permit, so a relay that is not waiting yet still sees it.
                 t.close.notify_one();
