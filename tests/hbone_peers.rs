@@ -6,7 +6,6 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::raw_hbone::*;
 use common::*;
 use http::{Method, Request, StatusCode};
@@ -177,15 +176,10 @@ async fn garbage_does_not_disturb_other_tunnels() {
     }
 
     // The tunnel opened before the garbage still works.
-    tx.send_data(Bytes::from_static(b"after the storm"), true)
-        .unwrap();
-    let mut got = Vec::new();
-    while let Some(chunk) = rx.data().await {
-        let chunk = chunk.unwrap();
-        rx.flow_control().release_capacity(chunk.len()).unwrap();
-        got.extend_from_slice(&chunk);
-    }
-    assert_eq!(got, b"after the storm");
+    assert_eq!(
+        finish_and_read(&mut tx, &mut rx, b"after the storm").await,
+        b"after the storm"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
