@@ -374,6 +374,47 @@ proptest! {
     }
 }
 
+/// Names that need YAML's quoting keep every character: YAML 1.2 has only `\n` and `\r` as
+/// line breaks, so a Unicode line or paragraph separator, a no-break space or a tab inside a
+/// quoted name is part of the name.
+#[test]
+fn local_config_keeps_unusual_names() {
+    for name in [
+        "a\u{2028}b",
+        "a\u{2029}b",
+        "a\u{a0}b",
+        "a\tb",
+        " lead",
+        "trail ",
+        "# not a comment",
+        "key: value",
+        "quote\"d",
+        "null",
+        "yes",
+        "~",
+        "*alias",
+        "&anchor",
+        "- item",
+        "10.0.0.1",
+        "0x1F",
+        "1e3",
+    ] {
+        let ws = [GenWorkload {
+            name: name.to_string(),
+            namespace: name.to_string(),
+            service_account: None,
+            ips: Vec::new(),
+            hbone: false,
+        }];
+        let (text, _) = config_text(&ws, &[]);
+        let d = local::parse(&text, Path::new("c.yaml"), &defaults())
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+            .data;
+        assert_eq!(d.workloads[0].name, name, "{text}");
+        assert_eq!(d.workloads[0].namespace, name, "{text}");
+    }
+}
+
 // --- Kubernetes AuthorizationPolicy ------------------------------------------------------------
 
 #[derive(Debug, Clone)]
