@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
@@ -196,11 +197,10 @@ pub async fn serve<H: StreamHandler>(
                     );
                 }
                 let slot = StreamSlot(streams.clone());
+                // `map` keeps the handler's future once; an async block awaiting it would
+                // hold it twice (its capture and its awaitee), doubling every stream's task.
                 let stream = handler.clone().handle(peer.clone(), dest, req, respond);
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    stream.await
-                });
+                tokio::spawn(stream.map(move |()| drop(slot)));
             }
             Err(refusal) => {
                 warn!(peer = %addr, %local, identity = ?peer.identity().map(ToString::to_string),
