@@ -244,6 +244,9 @@ fn parse_config(
     };
     let mut data = SourceData::default();
     let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
+    // Workloads are keyed by uid in the store: a second one with the same uid would silently
+    // replace the first.
+    let mut seen_uids: HashMap<String, u64> = HashMap::new();
     for Spanned {
         value: w, defined, ..
     } in cfg.workloads
@@ -252,6 +255,16 @@ fn parse_config(
         let what = format!("workload {}/{}", w.namespace, w.name);
         let (workload, services) =
             workload(w, defaults).map_err(|m| invalid(line, what.clone(), m))?;
+        if let Some(first) = seen_uids.insert(workload.uid.clone(), line) {
+            return Err(invalid(
+                line,
+                what,
+                format!(
+                    "uid {} is already used by the workload at line {first}",
+                    workload.uid
+                ),
+            ));
+        }
         for ip in &workload.workload_ips {
             if let Some(other) = seen_ips.insert(*ip, workload.uid.clone()) {
                 return Err(invalid(
@@ -631,6 +644,11 @@ policies:
                 "workloads:\n- name: a\n  namespace: x\n  workloadIps: [\"10.0.0.1\"]\n- name: b\n  namespace: x\n  workloadIps: [\"10.0.0.1\"]\n",
                 5,
                 "already used",
+            ),
+            (
+                "workloads:\n- uid: u\n  name: a\n  namespace: x\n- uid: u\n  name: b\n  namespace: x\n",
+                5,
+                "uid u is already used by the workload at line 2",
             ),
             ("services:\n- name: s\n  namespace: x\n  hostname: h\n  vips: [\"x/not-an-ip\"]\n", 2, "not-an-ip"),
             ("workloads: [\n", 0, "weft.yaml"),
