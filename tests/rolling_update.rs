@@ -11,15 +11,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::lab::Lab;
+use common::weft_process::Weft;
 use common::*;
 use weft::capture::Netns;
 
@@ -31,94 +30,6 @@ const HOLD: Duration = Duration::from_secs(6);
 const CHURNERS: usize = 3;
 const LOAD: Duration = Duration::from_secs(9);
 const DRAIN: Duration = Duration::from_secs(20);
-
-/// One weft process for a lab node.
-struct Weft {
-    child: Child,
-    readiness: SocketAddr,
-    metrics: SocketAddr,
-    /// Lines of its log that say how the drain went.
-    drained: mpsc::Receiver<String>,
-}
-
-impl Weft {
-    fn start(node: &str, config: &Path) -> Weft {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .arg("--ca-dir")
-            .arg(ca_dir())
-            .args(["--node-name", node, "--node-bind", "127.0.0.1"])
-            .args([
-                "--admin-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--readiness-port",
-                "0",
-            ])
-            .args(["--drain-seconds", &DRAIN.as_secs().to_string()])
-            .env("RUST_LOG", "info,access=warn")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start weft");
-        let err = child.stderr.take().expect("stderr");
-        let (started_tx, started_rx) = mpsc::channel();
-        let (drained_tx, drained) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.contains("weft started") {
-                    let _ = started_tx.send(line);
-                } else if line.contains("drain finished") {
-                    let _ = drained_tx.send(line);
-                }
-            }
-        });
-        let line = started_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("weft started");
-        let addr = |key: &str| -> SocketAddr {
-            let rest = line.split(&format!("{key}=")).nth(1).expect(key);
-            rest.split_whitespace().next().unwrap().parse().expect(key)
-        };
-        Weft {
-            readiness: addr("readiness_addr"),
-            metrics: addr("metrics_addr"),
-            child,
-            drained,
-        }
-    }
-
-    /// SIGTERM, as the kubelet sends it.
-    fn terminate(&self) {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(st.success(), "SIGTERM delivered");
-    }
-
-    /// Waits for the process to exit; its drain report and whether it exited cleanly.
-    fn wait(mut self) -> (String, bool) {
-        let until = Instant::now() + DRAIN + Duration::from_secs(10);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                let report = self.drained.try_recv().unwrap_or_default();
-                return (report, st.success());
-            }
-            assert!(Instant::now() < until, "weft did not exit after its drain");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Weft {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[derive(Default)]
 struct Tally {
@@ -200,8 +111,8 @@ async fn rolling_update_under_load_fails_no_connection() {
     let mut lab = Lab::up(&[]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &lab.config(""));
-    let a_old = Weft::start("a", &cfg);
-    let b_old = Weft::start("b", &cfg);
+    let a_old = Weft::start("a", &cfg, None, DRAIN);
+    let b_old = Weft::start("b", &cfg, None, DRAIN);
     for w in [&a_old, &b_old] {
         let ready = http_get(w.readiness, "/healthz/ready").await;
         assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
@@ -232,13 +143,13 @@ async fn rolling_update_under_load_fails_no_connection() {
 
     // Node a: the new weft starts and is ready, then the old one gets SIGTERM.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let a_new = Weft::start("a", &cfg);
+    let a_new = Weft::start("a", &cfg, None, DRAIN);
     let ready = http_get(a_new.readiness, "/healthz/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     a_old.terminate();
     // Node b, likewise.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let b_new = Weft::start("b", &cfg);
+    let b_new = Weft::start("b", &cfg, None, DRAIN);
     let ready = http_get(b_new.readiness, "/healthz/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     b_old.terminate();

@@ -8,6 +8,7 @@ pub mod istio;
 pub mod istio_cni;
 pub mod lab;
 pub mod raw_hbone;
+pub mod weft_process;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
