@@ -84,8 +84,6 @@ pub struct InboundDoor {
     pub ctx: Arc<ProxyContext>,
     pub factory: Arc<dyn SocketFactory>,
     pub budget: ConnectBudget,
-    /// The pod, for logs (`namespace/name`).
-    pub pod: String,
 }
 
 impl InboundDoor {
@@ -155,14 +153,14 @@ impl InboundDoor {
     /// client's own address when preserving source addresses. A client address that cannot
     /// be bound here (no privilege) falls back to weft's own, which is logged.
     async fn connect(&self, dest: SocketAddr, client_ip: IpAddr) -> Result<TcpStream, Refusal> {
-        let _permit = self.budget.start(&self.pod).map_err(Refusal::Limit)?;
+        let _permit = self.budget.start().map_err(Refusal::Limit)?;
         let after = self.budget.timeout;
         let attempt = |src: Option<IpAddr>| async move {
             match tokio::time::timeout(after, socket::connect(&*self.factory, dest, src)).await {
                 Ok(Ok(s)) => Ok(s),
                 Ok(Err(source)) => Err(Refusal::Connect { dest, source }),
                 Err(_) => {
-                    self.budget.timed_out(&self.pod);
+                    self.budget.timed_out();
                     Err(Refusal::ConnectTimeout { dest, after })
                 }
             }

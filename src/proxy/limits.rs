@@ -163,7 +163,9 @@ impl Drop for ConnectionSlot {
 /// Upstream connects in progress: one budget per pod, one for the process.
 #[derive(Clone)]
 pub struct ConnectBudget {
-    pod: Arc<Semaphore>,
+    /// The pod, for the log line (`namespace/name`).
+    pod: Arc<str>,
+    pod_budget: Arc<Semaphore>,
     all: Arc<Semaphore>,
     pub timeout: Duration,
     reports: Arc<LimitReports>,
@@ -181,21 +183,27 @@ impl ConnectBudget {
         Arc::new(Semaphore::new(limits.pending_connects))
     }
 
-    pub fn for_pod(limits: &Limits, all: Arc<Semaphore>, reports: Arc<LimitReports>) -> Self {
+    pub fn for_pod(
+        pod: &str,
+        limits: &Limits,
+        all: Arc<Semaphore>,
+        reports: Arc<LimitReports>,
+    ) -> Self {
         ConnectBudget {
-            pod: Arc::new(Semaphore::new(limits.pending_connects_per_pod)),
+            pod: pod.into(),
+            pod_budget: Arc::new(Semaphore::new(limits.pending_connects_per_pod)),
             all,
             timeout: limits.connect_timeout,
             reports,
         }
     }
 
-    /// Room for one more connect for `pod`, or the limit that refuses it (reported).
-    pub fn start(&self, pod: &str) -> Result<ConnectPermit, Limit> {
-        let Ok(pod_permit) = self.pod.clone().try_acquire_owned() else {
+    /// Room for one more connect for the pod, or the limit that refuses it (reported).
+    pub fn start(&self) -> Result<ConnectPermit, Limit> {
+        let Ok(pod_permit) = self.pod_budget.clone().try_acquire_owned() else {
             self.reports.reached(
                 Limit::PendingConnectsPerPod,
-                pod,
+                &self.pod,
                 "connection refused while the pod's connects are pending",
             );
             return Err(Limit::PendingConnectsPerPod);
@@ -203,7 +211,7 @@ impl ConnectBudget {
         let Ok(all) = self.all.clone().try_acquire_owned() else {
             self.reports.reached(
                 Limit::PendingConnects,
-                pod,
+                &self.pod,
                 "connection refused while weft's connects are pending",
             );
             return Err(Limit::PendingConnects);
@@ -214,10 +222,10 @@ impl ConnectBudget {
         })
     }
 
-    pub fn timed_out(&self, pod: &str) {
+    pub fn timed_out(&self) {
         self.reports.reached(
             Limit::ConnectTimeout,
-            pod,
+            &self.pod,
             "connect abandoned; the client's connection is closed",
         );
     }
@@ -270,15 +278,15 @@ mod tests {
         let reports = Arc::new(LimitReports::new(m.clone()));
         let l = limits(1, 1);
         let all = ConnectBudget::process(&l);
-        let p1 = ConnectBudget::for_pod(&l, all.clone(), reports.clone());
-        let p2 = ConnectBudget::for_pod(&l, all, reports);
-        let held: Vec<_> = (0..2).map(|_| p1.start("ns/p1").expect("p1")).collect();
-        assert_eq!(p1.start("ns/p1").err(), Some(Limit::PendingConnectsPerPod));
-        let third = p2.start("ns/p2").expect("p2 has room: 3 in total");
-        assert_eq!(p2.start("ns/p2").err(), Some(Limit::PendingConnects));
+        let p1 = ConnectBudget::for_pod("ns/p1", &l, all.clone(), reports.clone());
+        let p2 = ConnectBudget::for_pod("ns/p2", &l, all, reports);
+        let held: Vec<_> = (0..2).map(|_| p1.start().expect("p1")).collect();
+        assert_eq!(p1.start().err(), Some(Limit::PendingConnectsPerPod));
+        let third = p2.start().expect("p2 has room: 3 in total");
+        assert_eq!(p2.start().err(), Some(Limit::PendingConnects));
         drop(held);
         drop(third);
-        assert!(p2.start("ns/p2").is_ok());
+        assert!(p2.start().is_ok());
         assert_eq!(reached(&m, Limit::PendingConnectsPerPod), 1);
         assert_eq!(reached(&m, Limit::PendingConnects), 1);
     }

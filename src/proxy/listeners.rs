@@ -127,6 +127,7 @@ impl WorkloadProxy {
             })?;
         let acceptor = TlsAcceptor::from(tls);
         let budget = ConnectBudget::for_pod(
+            &name,
             &ctx.settings.limits,
             ctx.connects.clone(),
             ctx.limits.clone(),
@@ -135,7 +136,6 @@ impl WorkloadProxy {
             ctx: ctx.clone(),
             factory: factory.clone(),
             budget: budget.clone(),
-            pod: name.clone(),
         });
         let inbound = Arc::new(Inbound { door: door.clone() });
         let options = Arc::new(ServeOptions {

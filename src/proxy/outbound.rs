@@ -145,8 +145,7 @@ impl Outbound {
             Transport::Hbone { tunnel, .. } => *tunnel,
             Transport::Plain => route.target,
         });
-        let pod = format!("{}/{}", source.namespace, source.name);
-        let _permit = match self.budget.start(&pod) {
+        let _permit = match self.budget.start() {
             Ok(p) => p,
             Err(limit) => {
                 guard.fail(ResponseFlags::Connect, format!("limit {limit} reached"));
@@ -185,7 +184,7 @@ impl Outbound {
                     Ok(s) => Upstream::Direct(s),
                     Err(e) => {
                         if matches!(e, HboneError::ConnectTimeout { .. }) {
-                            self.budget.timed_out(&pod);
+                            self.budget.timed_out();
                         }
                         guard.fail(ResponseFlags::Connect, e);
                         return None;
