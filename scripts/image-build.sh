@@ -210,14 +210,17 @@ make_rootfs() {
   chmod 1777 "$dir/tmp"
 }
 
-rootfs_key="$(
+# The root filesystem's cache key: everything that decides its contents.
+rootfs_key_now() {
   {
     cat "$LOCK" "$ROOT/image/dpkg-slim.cfg"
     declare -f make_rootfs
     echo "$SUITE $MIRROR $SECURITY_MIRROR $PUBLIC_SOURCES"
     dpkg-query -W -f '${Version}' debootstrap
   } | sha256sum | cut -c1-16
-)"
+}
+
+rootfs_key="$(rootfs_key_now)"
 rootfs_tar="$CACHE/image/rootfs-$SUITE-$rootfs_key.tar"
 # One root filesystem build at a time per cache.
 exec 9>"$CACHE/image/rootfs.lock"
@@ -236,14 +239,7 @@ if ((no_cache)) || [[ ! -f $rootfs_tar ]]; then
     if ((update_lock)); then
       { sed -n '/^#/p' "$LOCK"; echo "$resolved"; } >"$LOCK.tmp" && mv "$LOCK.tmp" "$LOCK"
       log "wrote $(echo "$resolved" | wc -l) packages to image/packages.lock"
-      rootfs_key="$(
-        {
-          cat "$LOCK" "$ROOT/image/dpkg-slim.cfg"
-          declare -f make_rootfs
-          echo "$SUITE $MIRROR $SECURITY_MIRROR $PUBLIC_SOURCES"
-          dpkg-query -W -f '${Version}' debootstrap
-        } | sha256sum | cut -c1-16
-      )"
+      rootfs_key="$(rootfs_key_now)"
       rootfs_tar="$CACHE/image/rootfs-$SUITE-$rootfs_key.tar"
     else
       diff <(lock_packages "$LOCK") <(echo "$resolved") | sed 's/^/image-build:   /' >&2 || true
