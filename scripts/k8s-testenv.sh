@@ -580,13 +580,15 @@ cmd_start() {
   chmod 600 "$dir/pki/tokens.csv"
 
   log "starting etcd on 127.0.0.1:$eport"
+  # No fsync: a test cluster's data never outlives its test, and fsync stalls behind a busy
+  # disk (an image build beside it) turned into API timeouts.
   mkdir -p "$dir/etcd-data"
   chmod 700 "$dir/etcd-data"
   nohup "$ETCD_BIN" --name weft-testenv --data-dir "$dir/etcd-data" \
     --listen-client-urls "http://127.0.0.1:$eport" --advertise-client-urls "http://127.0.0.1:$eport" \
     --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
     --initial-cluster "weft-testenv=http://127.0.0.1:$pport" --initial-cluster-state new \
-    --logger zap --log-outputs stderr \
+    --logger zap --log-outputs stderr --unsafe-no-fsync \
     </dev/null >"$dir/etcd.log" 2>&1 &
   epid=$!
   echo "$epid" >"$dir/etcd.pid"

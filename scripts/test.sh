@@ -23,6 +23,18 @@ command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh: cargo (Rust toolcha
 
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# A fresh clone builds everything once: incremental compilation would only add gigabytes of
+# artifacts nobody reuses. Say early when the disk cannot hold a build (a full disk shows up
+# much later as API server timeouts and failed image builds).
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=0
+fi
+free_gib=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+if [ "$free_gib" -lt 12 ]; then
+    echo "scripts/test.sh: only ${free_gib} GiB free here; the suite needs about 12 (a build, the image, test clusters)" >&2
+    exit 1
+fi
+
 echo "== Kubernetes API server for the Kubernetes tests (built once, then cached)"
 bash scripts/k8s-testenv.sh install >/dev/null
 echo "== container image tests: podman, the Debian root filesystem, helm (built once, then cached)"

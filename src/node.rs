@@ -112,6 +112,7 @@ impl Node {
                 trust_domain: settings.trust_domain.clone(),
                 cluster_id: settings.cluster_id.clone(),
                 domain_suffix: kube.domain_suffix.clone(),
+                root_namespace: settings.root_namespace.clone(),
             };
             tasks.extend(k8s::start(
                 client,

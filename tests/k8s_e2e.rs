@@ -183,22 +183,27 @@ async fn label_ambient(client: &Client, ns: &str, on: bool) {
         .expect("label namespace");
 }
 
-fn policies(client: &Client) -> Api<DynamicObject> {
+fn security_api(client: &Client, kind: &str, plural: &str) -> Api<DynamicObject> {
     let ar = ApiResource {
         group: "security.istio.io".into(),
         version: "v1".into(),
         api_version: "security.istio.io/v1".into(),
-        kind: "AuthorizationPolicy".into(),
-        plural: "authorizationpolicies".into(),
+        kind: kind.into(),
+        plural: plural.into(),
     };
     Api::namespaced_with(client.clone(), "shop", &ar)
 }
 
-async fn apply_crd(client: &Client) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("daemonset/crds/authorizationpolicies.security.istio.io.yaml");
-    let text = std::fs::read_to_string(path).expect("CRD manifest");
-    let crd: Value = serde_saphyr::from_str(&text).expect("CRD yaml");
+fn policies(client: &Client) -> Api<DynamicObject> {
+    security_api(client, "AuthorizationPolicy", "authorizationpolicies")
+}
+
+fn peer_authns(client: &Client) -> Api<DynamicObject> {
+    security_api(client, "PeerAuthentication", "peerauthentications")
+}
+
+/// The CRDs of daemonset/crds, applied and served.
+async fn apply_crds(client: &Client) {
     let crds: Api<DynamicObject> = Api::all_with(
         client.clone(),
         &ApiResource {
@@ -209,15 +214,27 @@ async fn apply_crd(client: &Client) {
             plural: "customresourcedefinitions".into(),
         },
     );
-    create(&crds, crd).await;
-    // Served once the CRD is Established.
+    for file in [
+        "authorizationpolicies.security.istio.io.yaml",
+        "peerauthentications.security.istio.io.yaml",
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("daemonset/crds")
+            .join(file);
+        let text = std::fs::read_to_string(path).expect("CRD manifest");
+        let crd: Value = serde_saphyr::from_str(&text).expect("CRD yaml");
+        create(&crds, crd).await;
+    }
+    // Served once the CRDs are Established.
     for _ in 0..100 {
-        if policies(client).list(&Default::default()).await.is_ok() {
+        if policies(client).list(&Default::default()).await.is_ok()
+            && peer_authns(client).list(&Default::default()).await.is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("AuthorizationPolicy CRD never served");
+    panic!("the security.istio.io CRDs were never served");
 }
 
 /// Connections b1 accepted from a1 (shop/frontend) in mTLS, as node-b counts them.
@@ -261,7 +278,7 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     })
     .await
     .expect("client");
-    apply_crd(&client).await;
+    apply_crds(&client).await;
     // weft runs as its DaemonSet's service account, with exactly the RBAC of daemonset/.
     api.apply(&[
         "daemonset/namespace.yaml",
@@ -428,6 +445,90 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         .await
         .expect("delete policy");
     eventually_send(&lab, "a2", "10.250.2.2", 8080, true).await;
+
+    // PeerAuthentication from the API. STRICT in shop: plaintext into b1 (from legacy's b2,
+    // outside the mesh, through b1's 15006) is refused, HBONE from a1 still admitted.
+    assert_eq!(
+        lab.send("b2", "10.250.2.2", 8080, "plain-in"),
+        Ok("plain-in".into()),
+        "PERMISSIVE without any PeerAuthentication"
+    );
+    let denied_plain = [
+        "destination_workload=\"b1\"",
+        "connection_security_policy=\"unknown\"",
+        "response_flags=\"DENY\"",
+    ];
+    let denied_before = metric(
+        &scrape(b.metrics_addr).await,
+        "istio_tcp_connections_failed_total",
+        &denied_plain,
+    )
+    .unwrap_or(0.0);
+    create(
+        &peer_authns(&client),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}),
+    )
+    .await;
+    eventually_send(&lab, "b2", "10.250.2.2", 8080, false).await;
+    assert_eq!(
+        lab.send("a1", "10.250.2.2", 8080, "strict-mtls"),
+        Ok("strict-mtls".into())
+    );
+    eventually_metric(
+        b.metrics_addr,
+        "istio_tcp_connections_failed_total",
+        &denied_plain,
+        denied_before + 1.0,
+    )
+    .await;
+    let dump = http_get(b.admin_addr, "/config_dump").await;
+    assert!(dump.contains("istio_converted_static_strict"), "{dump}");
+    // A workload policy for b1 reopens port 8080 to plaintext; the namespace's STRICT stays on
+    // b1's other ports, which weft's derived policy shows.
+    create(
+        &peer_authns(&client),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "backend-plain"},
+            "spec": {"selector": {"matchLabels": {"app": "backend"}},
+                "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}}}),
+    )
+    .await;
+    eventually_send(&lab, "b2", "10.250.2.2", 8080, true).await;
+    let dump = http_get(b.admin_addr, "/config_dump").await;
+    assert!(
+        dump.contains("shop/converted_peer_authentication_backend-plain"),
+        "{dump}"
+    );
+    // A malformed one (a port that is no port) is refused by name; the others stay in force.
+    create(
+        &peer_authns(&client),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "broken-port"},
+            "spec": {"selector": {"matchLabels": {"app": "backend"}},
+                "portLevelMtls": {"http": {"mode": "DISABLE"}}}}),
+    )
+    .await;
+    eventually("broken PeerAuthentication reported", || {
+        !logs.lines_with("shop/broken-port").is_empty()
+    })
+    .await;
+    assert_eq!(
+        lab.send("b2", "10.250.2.2", 8080, "still-open"),
+        Ok("still-open".into())
+    );
+    for name in ["backend-plain", "broken-port"] {
+        peer_authns(&client)
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete PeerAuthentication");
+    }
+    eventually_send(&lab, "b2", "10.250.2.2", 8080, false).await;
+    peer_authns(&client)
+        .delete("default", &DeleteParams::default())
+        .await
+        .expect("delete PeerAuthentication");
+    eventually_send(&lab, "b2", "10.250.2.2", 8080, true).await;
     assert_eq!(lab.ruleset("a1").as_deref(), Some(a1_rules.as_str()));
     assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 1);
     assert_eq!(

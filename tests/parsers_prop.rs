@@ -1192,6 +1192,7 @@ proptest! {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
         };
         let out = translate(&view, &facts, |_| false, |_| None);
         let expected: Vec<_> = pods.iter().enumerate().filter(|(_, p)| !p.1.is_empty()).collect();

@@ -142,11 +142,13 @@ pub fn k8s_translate(data: &[u8]) {
         services: objects(&v, "services"),
         endpoint_slices: objects(&v, "endpointSlices"),
         policies: objects(&v, "policies"),
+        peer_authentications: objects(&v, "peerAuthentications"),
     };
     let facts = ClusterFacts {
         trust_domain: TRUST_DOMAIN.into(),
         cluster_id: CLUSTER_ID.into(),
         domain_suffix: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
     };
     // Every pod "on this node", with a namespace path that is never opened here.
     let out = translate(

@@ -34,6 +34,7 @@ pub mod k8s_form;
 pub mod local_form;
 pub mod matcher;
 pub mod model;
+pub mod peer_authn;
 pub mod xds_form;
 
 pub use error::AuthzError;

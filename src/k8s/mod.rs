@@ -1,7 +1,8 @@
-//! Kubernetes as a configuration source: watches of Namespaces, Pods, Services, EndpointSlices
-//! and AuthorizationPolicies, turned into weft's state (the `kubernetes` source of the state
-//! store). Pods on this node in ambient namespaces become captured workloads, and the enroller
-//! captures them through the same entry point as the local file's pods.
+//! Kubernetes as a configuration source: watches of Namespaces, Pods, Services, EndpointSlices,
+//! AuthorizationPolicies and PeerAuthentications, turned into weft's state (the `kubernetes`
+//! source of the state store). Pods on this node in ambient namespaces become captured
+//! workloads, and the enroller captures them through the same entry point as the local file's
+//! pods.
 //!
 //! Each kind is mirrored by a reflector (a full in-memory copy, rebuilt on re-list after a watch
 //! error or an API server restart), and the whole source is recomputed from those copies after
@@ -102,6 +103,7 @@ pub fn start(
     let services = mirror::<K8sService>(Api::all(client.clone()), (), &changed, &mut tasks);
     let (slices_tx, slices) = tokio::sync::oneshot::channel();
     let (policies_tx, policies) = tokio::sync::oneshot::channel();
+    let (peer_authns_tx, peer_authns) = tokio::sync::oneshot::channel();
     tasks.push(tokio::spawn(mirror_discovered(
         client.clone(),
         "discovery.k8s.io",
@@ -110,11 +112,18 @@ pub fn start(
         slices_tx,
     )));
     tasks.push(tokio::spawn(mirror_discovered(
-        client,
+        client.clone(),
         "security.istio.io",
         "AuthorizationPolicy",
         changed.clone(),
         policies_tx,
+    )));
+    tasks.push(tokio::spawn(mirror_discovered(
+        client,
+        "security.istio.io",
+        "PeerAuthentication",
+        changed.clone(),
+        peer_authns_tx,
     )));
     tasks.push(tokio::spawn(async move {
         let mirrors = Mirrors {
@@ -123,6 +132,7 @@ pub fn start(
             services,
             endpoint_slices: ready_or_absent(slices).await,
             policies: ready_or_absent(policies).await,
+            peer_authns: ready_or_absent(peer_authns).await,
         };
         if mirrors.wait_listed().await {
             rebuild_forever(
@@ -143,6 +153,7 @@ struct Mirrors {
     /// store appears in the cell then.
     endpoint_slices: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
     policies: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
+    peer_authns: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
 }
 
 impl Mirrors {
@@ -163,6 +174,7 @@ impl Mirrors {
             services: self.services.state(),
             endpoint_slices: dynamic(&self.endpoint_slices),
             policies: dynamic(&self.policies),
+            peer_authentications: dynamic(&self.peer_authns),
         }
     }
 }
@@ -313,7 +325,7 @@ async fn rebuild_forever(
             .collect();
         if rejected != last_rejected {
             for r in &translated.rejected {
-                warn!(policy = %r.key, error = %r.error, "AuthorizationPolicy rejected; the others stay in force");
+                warn!(policy = %r.key, error = %r.error, "policy rejected; the others stay in force");
             }
             last_rejected = rejected;
         }

@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::DynamicObject;
 use serde_json::Value;
 
+use crate::authz::peer_authn::{self, PeerAuthns};
 use crate::authz::{self, Policy};
 use crate::state::{HealthStatus, Netns, Protocol, Service, ServiceKey, SourceData, Workload};
 
@@ -30,6 +31,8 @@ pub struct ClusterFacts {
     pub trust_domain: String,
     pub cluster_id: String,
     pub domain_suffix: String,
+    /// Istio's root namespace: where mesh-wide PeerAuthentication lives.
+    pub root_namespace: String,
 }
 
 /// Everything the watches hold at one moment.
@@ -40,9 +43,11 @@ pub struct ClusterView {
     pub services: Vec<Arc<K8sService>>,
     pub endpoint_slices: Vec<Arc<DynamicObject>>,
     pub policies: Vec<Arc<DynamicObject>>,
+    pub peer_authentications: Vec<Arc<DynamicObject>>,
 }
 
-/// A policy object the API server accepted but weft cannot enforce, with why.
+/// A policy object (AuthorizationPolicy or PeerAuthentication) the API server accepted but weft
+/// cannot enforce, with why.
 #[derive(Debug)]
 pub struct RejectedPolicy {
     pub key: String,
@@ -160,6 +165,30 @@ pub fn translate(
             Err(error) => rejected.push(RejectedPolicy { key, error }),
         }
     }
+    let mut peer_authns = Vec::new();
+    for obj in &view.peer_authentications {
+        let parsed = serde_json::to_value(obj.as_ref())
+            .map_err(|e| e.to_string())
+            .and_then(|v| peer_authn::from_k8s_value(&v).map_err(|e| e.reason));
+        match parsed {
+            Ok(pa) => peer_authns.push(pa),
+            Err(error) => rejected.push(RejectedPolicy {
+                key: format!(
+                    "{}/{} (PeerAuthentication)",
+                    obj.metadata.namespace.as_deref().unwrap_or("default"),
+                    obj.metadata.name.as_deref().unwrap_or("?")
+                ),
+                error,
+            }),
+        }
+    }
+    // As istiod does for ztunnel: PeerAuthentication becomes DENY policies, and each workload
+    // names the ones that apply to it.
+    let peer_authns = PeerAuthns::new(&facts.root_namespace, peer_authns);
+    for w in &mut data.workloads {
+        w.authorization_policies = peer_authns.policy_keys(&w.namespace, &w.labels);
+    }
+    data.policies.extend(peer_authns.derived_policies());
     Translated { data, rejected }
 }
 
@@ -475,6 +504,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
         }
     }
 
@@ -696,6 +726,64 @@ mod tests {
         assert_eq!(t.rejected[0].key, "shop/broken");
         assert!(
             t.rejected[0].error.contains("action"),
+            "{}",
+            t.rejected[0].error
+        );
+    }
+
+    #[test]
+    fn peer_authentications_become_named_deny_policies_and_bad_ones_are_named() {
+        let pa = |name: &str, spec: Value| {
+            obj(json!({
+                "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec
+            }))
+        };
+        let t = run(&ClusterView {
+            namespaces: vec![ns("shop", Some("ambient"))],
+            pods: vec![
+                pod("shop", "web-1", "10.0.0.1", "n1", json!({"app": "web"})),
+                pod("shop", "db-1", "10.0.0.2", "n1", json!({"app": "db"})),
+            ],
+            peer_authentications: vec![
+                pa("default", json!({"mtls": {"mode": "STRICT"}})),
+                pa(
+                    "web-metrics",
+                    json!({"selector": {"matchLabels": {"app": "web"}},
+                        "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}}),
+                ),
+                pa("broken", json!({"mtls": {"mode": "SOMETIMES"}})),
+            ],
+            ..Default::default()
+        });
+        let keys: Vec<String> = t.data.policies.iter().map(Policy::key).collect();
+        assert_eq!(
+            keys,
+            [
+                "istio-system/istio_converted_static_strict",
+                "shop/converted_peer_authentication_web-metrics"
+            ]
+        );
+        let names = |pod: &str| {
+            t.data
+                .workloads
+                .iter()
+                .find(|w| w.name == pod)
+                .map(|w| w.authorization_policies.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            names("web-1"),
+            ["shop/converted_peer_authentication_web-metrics"]
+        );
+        assert_eq!(
+            names("db-1"),
+            ["istio-system/istio_converted_static_strict"]
+        );
+        assert_eq!(t.rejected.len(), 1);
+        assert_eq!(t.rejected[0].key, "shop/broken (PeerAuthentication)");
+        assert!(
+            t.rejected[0].error.contains("spec"),
             "{}",
             t.rejected[0].error
         );
