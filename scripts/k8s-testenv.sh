@@ -1330,10 +1330,13 @@ cmd_istio_cni() {
   : >"$state/forwarder.log"
   nohup "$py" -u -c "$(forwarder_py)" "$nspath" "$fport" 127.0.0.1 "$aport" \
     </dev/null >>"$state/forwarder.log" 2>&1 &
-  echo $! >"$state/forwarder.pid"
+  local fpid=$!
+  echo "$fpid" >"$state/forwarder.pid"
+  # Our own child, so its pid stays ours until reaped: "gone" means it exited. (Whether it
+  # is python yet says nothing: under load the fork may not have exec'd it.)
   for ((i = 0; i < 100; i++)); do
     grep -qx ready "$state/forwarder.log" && break
-    pid_runs "$(read_pid "$state/forwarder.pid")" "$py" || break
+    kill -0 "$fpid" 2>/dev/null || break
     sleep 0.1
   done
   grep -qx ready "$state/forwarder.log" || {

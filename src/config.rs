@@ -11,6 +11,8 @@ pub struct Ports {
     pub outbound: u16,
     pub inbound_plaintext: u16,
     pub hbone: u16,
+    /// The DNS proxy (UDP and TCP, on the pod's loopback, where the capture redirects DNS).
+    pub dns: u16,
     pub admin: u16,
     pub metrics: u16,
     pub readiness: u16,
@@ -20,7 +22,7 @@ impl Ports {
     /// Whether `port` is one of weft's in-pod listeners: never the destination of a proxied
     /// connection, since forwarding there would loop. The one own-port guard.
     pub fn is_own(&self, port: u16) -> bool {
-        [self.outbound, self.inbound_plaintext, self.hbone].contains(&port)
+        [self.outbound, self.inbound_plaintext, self.hbone, self.dns].contains(&port)
     }
 }
 
@@ -30,6 +32,7 @@ impl Default for Ports {
             outbound: 15001,
             inbound_plaintext: 15006,
             hbone: 15008,
+            dns: 15053,
             admin: 15000,
             metrics: 15020,
             readiness: 15021,
@@ -111,6 +114,47 @@ impl Default for Limits {
     }
 }
 
+/// The DNS proxy in every captured pod: answers for the mesh's hostnames from weft's state,
+/// forwards the rest to the pod's own resolvers.
+#[derive(Clone, Debug)]
+pub struct Dns {
+    /// Serve DNS in captured pods, and (standalone) redirect their DNS to it. Istio's default:
+    /// on (ztunnel's proxy metadata `DNS_CAPTURE`, istio-cni's `ambient.dnsCapture`).
+    pub enabled: bool,
+    /// A forwarded query not answered within this gets SERVFAIL.
+    pub upstream_timeout: Duration,
+    /// Forwarded queries in flight at once, per pod and in total; over it, SERVFAIL at once
+    /// (answers from weft's state are never limited: they cost no upstream).
+    pub pending_per_pod: usize,
+    pub pending: usize,
+    /// The resolvers used when a pod's own `resolv.conf` cannot be found (no process of the
+    /// pod is visible): weft's own, as ztunnel does.
+    pub fallback_resolv_conf: PathBuf,
+    /// The cluster's DNS suffix (`cluster.local`): short service names are expanded with it.
+    pub domain_suffix: String,
+}
+
+impl Dns {
+    /// Whether a pod's DNS is captured: its own choice (`ambient.istio.io/dns-capture`) when
+    /// it made one, else the node's. The one place that decides.
+    pub fn captures(&self, pod_choice: Option<bool>) -> bool {
+        pod_choice.unwrap_or(self.enabled)
+    }
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            enabled: true,
+            upstream_timeout: Duration::from_secs(5),
+            pending_per_pod: 100,
+            pending: 2000,
+            fallback_resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            domain_suffix: "cluster.local".into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub ports: Ports,
@@ -131,6 +175,7 @@ pub struct Settings {
     pub preserve_source_ip: bool,
     /// How long the metric series of a workload that is gone stay exported.
     pub metrics_retention: Duration,
+    pub dns: Dns,
 }
 
 impl Default for Settings {
@@ -149,6 +194,7 @@ impl Default for Settings {
             node_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             preserve_source_ip: true,
             metrics_retention: Duration::from_secs(300),
+            dns: Dns::default(),
         }
     }
 }

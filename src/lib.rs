@@ -11,6 +11,7 @@ pub mod ca_service;
 pub mod capture;
 pub mod cni;
 pub mod config;
+pub mod dns;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -12,7 +12,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{filter::Targets, reload};
 
 use weft::admin::LogControl;
-use weft::config::{Limits, Ports, Settings};
+use weft::config::{Dns, Limits, Ports, Settings};
 use weft::grpc::{GrpcTarget, TokenFile};
 use weft::identity::istio_ca::{IstioCa, IstioCaSettings};
 use weft::identity::{CertificateAuthority, CertificateSigner, Identity};
@@ -284,6 +284,28 @@ struct RunArgs {
     metrics_retention_seconds: u64,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    dns: DnsArgs,
+}
+
+/// The DNS proxy of `weft::config::Dns`.
+#[derive(clap::Args, Debug)]
+struct DnsArgs {
+    /// Serve DNS on port --dns-port in captured pods and (standalone) redirect their DNS there.
+    /// ztunnel's proxy metadata DNS_CAPTURE (ISTIO_META_DNS_CAPTURE) says the same.
+    #[arg(long, env = "WEFT_DNS_CAPTURE", default_value_t = Dns::default().enabled, action = clap::ArgAction::Set)]
+    dns_capture: bool,
+    #[arg(long, env = "WEFT_DNS_PORT", default_value_t = Ports::default().dns)]
+    dns_port: u16,
+    /// Milliseconds a forwarded query may take before the client gets SERVFAIL.
+    #[arg(long, env = "WEFT_DNS_UPSTREAM_TIMEOUT_MS", default_value_t = Dns::default().upstream_timeout.as_millis() as u64)]
+    dns_upstream_timeout_ms: u64,
+    /// Forwarded DNS queries in flight per pod; more get SERVFAIL at once.
+    #[arg(long, env = "WEFT_DNS_MAX_PENDING_PER_POD", default_value_t = Dns::default().pending_per_pod)]
+    dns_max_pending_per_pod: usize,
+    /// Forwarded DNS queries in flight in total.
+    #[arg(long, env = "WEFT_DNS_MAX_PENDING", default_value_t = Dns::default().pending)]
+    dns_max_pending: usize,
 }
 
 /// The limits of `weft::config::Limits`, one flag each (defaults from there).
@@ -336,6 +358,13 @@ impl LimitArgs {
             handshake_timeout: Duration::from_secs(self.handshake_timeout_seconds.max(1)),
         }
     }
+}
+
+/// ztunnel reads DNS capture from its proxy metadata: `ISTIO_META_DNS_CAPTURE`, on unless
+/// it says something other than "true".
+fn istio_dns_capture() -> bool {
+    std::env::var(format!("{}DNS_CAPTURE", weft::config::ISTIO_META_PREFIX))
+        .map_or(true, |v| v.eq_ignore_ascii_case("true"))
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -447,8 +476,17 @@ impl RunArgs {
             preserve_source_ip: self.preserve_source_ip,
             limits: self.limits.limits(),
             metrics_retention: Duration::from_secs(self.metrics_retention_seconds),
+            dns: Dns {
+                enabled: self.dns.dns_capture && istio_dns_capture(),
+                upstream_timeout: Duration::from_millis(self.dns.dns_upstream_timeout_ms),
+                pending_per_pod: self.dns.dns_max_pending_per_pod,
+                pending: self.dns.dns_max_pending,
+                domain_suffix: self.domain_suffix.clone(),
+                ..Dns::default()
+            },
             ..Settings::default()
         };
+        s.ports.dns = self.dns.dns_port;
         s.ports.outbound = self.outbound_port;
         s.ports.inbound_plaintext = self.inbound_plaintext_port;
         s.ports.hbone = self.hbone_port;

@@ -150,6 +150,7 @@ impl Node {
             tracker: Arc::new(ConnectionTracker::default()),
             connections: ConnectionCaps::new(&settings.limits, limits.clone(), metrics.clone()),
             connects: ConnectBudget::process(&settings.limits),
+            dns_pending: Arc::new(tokio::sync::Semaphore::new(settings.dns.pending)),
             limits,
             drain: Drain::default(),
         });

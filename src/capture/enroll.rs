@@ -339,12 +339,14 @@ impl Enroller {
                 (proxy, None, "self".to_string())
             }
             Place::Path(path) => {
-                let pod = PodNetwork::open(path, &self.ctx.settings)?;
+                let dns = self.ctx.settings.dns.captures(w.dns_capture);
+                let pod = PodNetwork::open(path, &self.ctx.settings, dns)?;
                 let proxy = self.start_in_pod(w, &pod)?;
                 (proxy, Some(pod), path.display().to_string())
             }
             Place::Handed(h) => {
-                let pod = PodNetwork::new(h.netns.clone(), &self.ctx.settings, h.rules_by)?;
+                let dns = self.ctx.settings.dns.captures(w.dns_capture);
+                let pod = PodNetwork::new(h.netns.clone(), &self.ctx.settings, h.rules_by, dns)?;
                 let proxy = self.start_in_pod(w, &pod)?;
                 (proxy, Some(pod), h.netns.path().display().to_string())
             }
@@ -374,13 +376,31 @@ impl Enroller {
         let listen = ListenerSet::wildcard(&self.ctx, pod.has_ipv6());
         // Listeners first: from the moment the rules are in, the pod's connections arrive at
         // them.
-        let proxy = WorkloadProxy::start(
+        let mut proxy = WorkloadProxy::start(
             self.ctx.clone(),
             w,
             pod.sockets(),
             &listen,
             DestinationMode::Original,
         )?;
+        if pod.captures_dns() {
+            let dns = crate::dns::PodDns::start(
+                self.ctx.clone(),
+                w,
+                pod.sockets(),
+                pod.netns().id(),
+                pod.has_ipv6(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "DNS proxy for {}/{} on port {}: {e}",
+                    w.namespace,
+                    w.name,
+                    self.ctx.settings.ports.dns
+                )
+            })?;
+            proxy.attach_dns(dns);
+        }
         pod.install()?;
         Ok(proxy)
     }

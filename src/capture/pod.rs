@@ -32,10 +32,23 @@ impl SocketFactory for NetnsSockets {
             .map_err(worker_error)?
     }
 
+    fn udp(&self, ip: IpAddr) -> io::Result<socket2::Socket> {
+        self.netns
+            .run_here(|| self.local.udp(ip))
+            .map_err(worker_error)?
+    }
+
     /// The capture routes replies to foreign sources back to weft (weft's own policy routing,
     /// or the CNI agent's).
     fn returns_replies_to(&self, _source: IpAddr) -> bool {
         true
+    }
+
+    fn listen_udp(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+        let local = self.local.clone();
+        self.netns
+            .run(move || local.listen_udp(addr))
+            .map_err(worker_error)?
     }
 
     fn listen(&self, addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener> {
@@ -74,11 +87,17 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
-    pub fn open(path: &Path, settings: &Settings) -> Result<Self, CaptureError> {
-        PodNetwork::new(Netns::open(path)?, settings, RulesBy::Weft)
+    pub fn open(path: &Path, settings: &Settings, dns: bool) -> Result<Self, CaptureError> {
+        PodNetwork::new(Netns::open(path)?, settings, RulesBy::Weft, dns)
     }
 
-    pub fn new(netns: Netns, settings: &Settings, rules_by: RulesBy) -> Result<Self, CaptureError> {
+    /// `dns`: whether the pod's DNS goes to weft's DNS proxy ([`crate::config::Dns::captures`]).
+    pub fn new(
+        netns: Netns,
+        settings: &Settings,
+        rules_by: RulesBy,
+        dns: bool,
+    ) -> Result<Self, CaptureError> {
         let ipv6 = netns.has_ipv6();
         if let Err(e) = netns.run(hand_over_pending_connections)? {
             warn!(netns = ?netns, error = %e, "tcp_migrate_req not set: connections queued for a weft that exits may be reset during an upgrade");
@@ -88,6 +107,7 @@ impl PodNetwork {
             inbound_plain_port: settings.ports.inbound_plaintext,
             hbone_port: settings.ports.hbone,
             mark: settings.mark,
+            dns_port: dns.then_some(settings.ports.dns),
             ..RuleParams::default()
         };
         rules.validate()?;
@@ -111,6 +131,15 @@ impl PodNetwork {
 
     pub fn has_ipv6(&self) -> bool {
         self.ipv6
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Whether the pod's DNS is redirected to the DNS proxy (so one should serve it).
+    pub fn captures_dns(&self) -> bool {
+        self.rules.dns_port.is_some()
     }
 
     /// Starts redirecting the pod's traffic (unless the CNI agent does). Call once the

@@ -1,4 +1,4 @@
-//! The nftables ruleset that redirects a pod's TCP traffic to weft.
+//! The nftables ruleset that redirects a pod's TCP traffic (and its DNS) to weft.
 //!
 //! weft owns exactly one table in the pod's netns, `table inet weft`, and
 //! always replaces it whole in one `nft -f -` transaction, so a pod never sees
@@ -42,6 +42,9 @@ pub struct RuleParams {
     /// Conntrack mark of connections opened by weft inside the pod; restored
     /// onto the app's replies so policy routing brings them back to weft.
     pub reply_mark: u32,
+    /// The DNS proxy's port: the pod's DNS (UDP and TCP to port 53) goes there.
+    /// None leaves DNS alone (DNS capture off for the node or the pod).
+    pub dns_port: Option<u16>,
 }
 
 /// Ports and mark from the process defaults (`config`, the one place for them); mask and
@@ -59,6 +62,7 @@ impl Default for RuleParams {
             mark: settings.mark,
             mask: 0xfff,
             reply_mark: 0x111,
+            dns_port: settings.dns.enabled.then_some(ports.dns),
         }
     }
 }
@@ -69,6 +73,13 @@ impl RuleParams {
     pub fn validate(&self) -> Result<(), CaptureError> {
         let bad = |msg: String| Err(CaptureError::InvalidParams(msg));
         let ports = [self.outbound_port, self.inbound_plain_port, self.hbone_port];
+        if let Some(dns) = self.dns_port {
+            if dns == 0 || ports.contains(&dns) {
+                return bad(format!(
+                    "the DNS port {dns} must be non-zero and differ from {ports:?}"
+                ));
+            }
+        }
         if ports.contains(&0) {
             return bad(format!("capture ports must be non-zero: {ports:?}"));
         }
@@ -135,6 +146,9 @@ impl RuleParams {
     ///         ip daddr 127.0.0.0/8 accept
     ///         ip6 daddr ::1 accept
     ///         oif "lo" accept
+    ///         # DNS to the pod's resolvers -> the DNS proxy.
+    ///         udp dport 53 redirect to :15053
+    ///         tcp dport 53 redirect to :15053
     ///         meta l4proto tcp redirect to :15001
     ///     }
     /// }
@@ -164,6 +178,10 @@ impl RuleParams {
     ///   `IP6T_SO_ORIGINAL_DST` on the accepted socket, as for inbound.
     /// - The table is `inet`, so one ruleset serves IPv4-only and dual-stack
     ///   pods; the `ip6` rule is inert where IPv6 is disabled.
+    /// - **DNS**: the pod's queries to any resolver but a loopback one go to the
+    ///   DNS proxy (redirect in output: `127.0.0.1:15053` / `[::1]:15053`, which is
+    ///   where it listens, so its replies leave from the address conntrack maps
+    ///   back to the resolver's). Without DNS capture those two lines are absent.
     pub fn ruleset(&self) -> String {
         let RuleParams {
             outbound_port: outbound,
@@ -172,8 +190,17 @@ impl RuleParams {
             mark,
             mask,
             reply_mark: reply,
+            dns_port,
         } = *self;
         let keep = !mask;
+        let dns = dns_port.map_or(String::new(), |port| {
+            format!(
+                "        # DNS to the pod's resolvers -> the DNS proxy.
+        udp dport 53 redirect to :{port}
+        tcp dport 53 redirect to :{port}
+"
+            )
+        });
         format!(
             "\
 table {TABLE} {{
@@ -213,7 +240,7 @@ table {TABLE} {{
         ip daddr 127.0.0.0/8 accept
         ip6 daddr ::1 accept
         oif \"lo\" accept
-        meta l4proto tcp redirect to :{outbound}
+{dns}        meta l4proto tcp redirect to :{outbound}
     }}
 }}
 "

@@ -24,6 +24,9 @@ pub const AMBIENT: &str = "ambient";
 /// A pod labelled `istio.io/dataplane-mode=none` stays out even in an ambient namespace.
 pub const OPT_OUT: &str = "none";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A pod's opt-in or opt-out of DNS capture, as istio-cni reads it ("true"/"false"; anything
+/// else is ignored, as there).
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 /// Node-level facts the translation needs.
 #[derive(Clone, Debug)]
@@ -296,6 +299,11 @@ pub fn pod_workload(
         },
         authorization_policies: Vec::new(),
         netns: None,
+        dns_capture: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DNS_CAPTURE_ANNOTATION))
+            .and_then(|v| v.parse::<bool>().ok()),
         network: String::new(),
         hostname: String::new(),
         waypoint: None,

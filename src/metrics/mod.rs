@@ -95,6 +95,8 @@ pub struct Metrics {
     pub hbone_connections: Gauge,
     /// Proxied connections (either direction) open now: what a drain waits for.
     pub live_connections: Gauge,
+    /// The DNS proxy's families.
+    pub dns: crate::dns::metrics::DnsMetrics,
     /// Serialises scrapes so the process gauges are set and read as one.
     scrape: Mutex<()>,
     /// Every connection label set seen, with its counters. Like the families above it only
@@ -133,6 +135,7 @@ impl Metrics {
             limits_reached: Family::default(),
             hbone_connections: Gauge::default(),
             live_connections: Gauge::default(),
+            dns: Default::default(),
             scrape: Mutex::new(()),
             series: RwLock::default(),
             departed: Mutex::default(),
@@ -181,7 +184,9 @@ impl Metrics {
             "xDS streams that ended, by reason",
             m.xds_terminations.clone(),
         );
+        m.dns.register_istio(istio);
         let weft = registry.sub_registry_with_prefix("weft");
+        m.dns.register_weft(weft);
         weft.register(
             "xds_rejected_resources",
             "xDS resources refused (NACKed), by type; their last good version stays in force",

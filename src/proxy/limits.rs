@@ -31,6 +31,8 @@ pub enum Limit {
     PendingConnectsPerPod,
     ConnectTimeout,
     HandshakeTimeout,
+    DnsPending,
+    DnsPendingPerPod,
 }
 
 impl Limit {
@@ -45,6 +47,8 @@ impl Limit {
             Limit::PendingConnectsPerPod => "pending_connects_per_pod",
             Limit::ConnectTimeout => "connect_timeout",
             Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::DnsPending => "dns_pending",
+            Limit::DnsPendingPerPod => "dns_pending_per_pod",
         }
     }
 }
@@ -163,18 +167,69 @@ impl Drop for ConnectionSlot {
 /// Upstream connects in progress: one budget per pod, one for the process.
 #[derive(Clone)]
 pub struct ConnectBudget {
+    budget: PodBudget,
+    pub timeout: Duration,
+}
+
+/// Held while one connect (or one forwarded DNS query) is in progress.
+pub struct ConnectPermit {
+    _pod: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
+}
+
+/// Work in progress bounded per pod and per process: room is taken from both or neither, and a
+/// refusal is reported with the limit that refused it.
+#[derive(Clone)]
+pub struct PodBudget {
     /// The pod, for the log line (`namespace/name`).
     pod: Arc<str>,
     pod_budget: Arc<Semaphore>,
     all: Arc<Semaphore>,
-    pub timeout: Duration,
+    /// The per-pod and the process-wide limit.
+    limits: (Limit, Limit),
+    /// What a refusal means, for the log line.
+    refused: &'static str,
     reports: Arc<LimitReports>,
 }
 
-/// Held while one connect is in progress.
-pub struct ConnectPermit {
-    _pod: OwnedSemaphorePermit,
-    _all: OwnedSemaphorePermit,
+impl PodBudget {
+    pub fn new(
+        pod: &str,
+        per_pod: usize,
+        all: Arc<Semaphore>,
+        limits: (Limit, Limit),
+        refused: &'static str,
+        reports: Arc<LimitReports>,
+    ) -> Self {
+        PodBudget {
+            pod: pod.into(),
+            pod_budget: Arc::new(Semaphore::new(per_pod)),
+            all,
+            limits,
+            refused,
+            reports,
+        }
+    }
+
+    /// Room for one more for the pod, or the limit that refuses it (reported).
+    pub fn start(&self) -> Result<ConnectPermit, Limit> {
+        let Ok(pod_permit) = self.pod_budget.clone().try_acquire_owned() else {
+            self.reports.reached(self.limits.0, &self.pod, self.refused);
+            return Err(self.limits.0);
+        };
+        let Ok(all) = self.all.clone().try_acquire_owned() else {
+            self.reports.reached(self.limits.1, &self.pod, self.refused);
+            return Err(self.limits.1);
+        };
+        Ok(ConnectPermit {
+            _pod: pod_permit,
+            _all: all,
+        })
+    }
+
+    pub fn pod(&self) -> &str {
+        &self.pod
+    }
 }
 
 impl ConnectBudget {
@@ -190,42 +245,27 @@ impl ConnectBudget {
         reports: Arc<LimitReports>,
     ) -> Self {
         ConnectBudget {
-            pod: pod.into(),
-            pod_budget: Arc::new(Semaphore::new(limits.pending_connects_per_pod)),
-            all,
+            budget: PodBudget::new(
+                pod,
+                limits.pending_connects_per_pod,
+                all,
+                (Limit::PendingConnectsPerPod, Limit::PendingConnects),
+                "connection refused while connects are pending",
+                reports,
+            ),
             timeout: limits.connect_timeout,
-            reports,
         }
     }
 
     /// Room for one more connect for the pod, or the limit that refuses it (reported).
     pub fn start(&self) -> Result<ConnectPermit, Limit> {
-        let Ok(pod_permit) = self.pod_budget.clone().try_acquire_owned() else {
-            self.reports.reached(
-                Limit::PendingConnectsPerPod,
-                &self.pod,
-                "connection refused while the pod's connects are pending",
-            );
-            return Err(Limit::PendingConnectsPerPod);
-        };
-        let Ok(all) = self.all.clone().try_acquire_owned() else {
-            self.reports.reached(
-                Limit::PendingConnects,
-                &self.pod,
-                "connection refused while weft's connects are pending",
-            );
-            return Err(Limit::PendingConnects);
-        };
-        Ok(ConnectPermit {
-            _pod: pod_permit,
-            _all: all,
-        })
+        self.budget.start()
     }
 
     pub fn timed_out(&self) {
-        self.reports.reached(
+        self.budget.reports.reached(
             Limit::ConnectTimeout,
-            &self.pod,
+            &self.budget.pod,
             "connect abandoned; the client's connection is closed",
         );
     }

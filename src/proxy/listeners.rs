@@ -93,6 +93,8 @@ pub struct WorkloadProxy {
     pub uid: String,
     pub bound: ListenerSet,
     tasks: Vec<JoinHandle<()>>,
+    /// The pod's DNS proxy, when its DNS is captured.
+    dns: Option<crate::dns::PodDns>,
 }
 
 impl WorkloadProxy {
@@ -225,7 +227,18 @@ impl WorkloadProxy {
             uid: workload.uid.clone(),
             bound,
             tasks,
+            dns: None,
         })
+    }
+
+    /// Runs the pod's DNS proxy with its listeners (it stops with them).
+    pub fn attach_dns(&mut self, dns: crate::dns::PodDns) {
+        self.dns = Some(dns);
+    }
+
+    /// Where the pod's DNS proxy listens (empty when its DNS is not captured).
+    pub fn dns_bound(&self) -> &[SocketAddr] {
+        self.dns.as_ref().map_or(&[], |d| d.bound.as_slice())
     }
 
     /// Stops accepting; connections in flight finish on their own.
@@ -233,6 +246,7 @@ impl WorkloadProxy {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        self.dns = None;
     }
 }
 

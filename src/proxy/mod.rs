@@ -38,5 +38,7 @@ pub struct ProxyContext {
     pub connections: Arc<limits::ConnectionCaps>,
     /// The process-wide budget of pending upstream connects (each pod has its own within it).
     pub connects: Arc<tokio::sync::Semaphore>,
+    /// The process-wide budget of forwarded DNS queries in flight.
+    pub dns_pending: Arc<tokio::sync::Semaphore>,
     pub drain: drain::Drain,
 }

@@ -24,6 +24,14 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug + 'static {
     /// accepted connection, so accepted sockets need no system calls of their own for them.
     fn listen(&self, addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener>;
 
+    /// An unbound, non-blocking UDP socket of `ip`'s family, marked (the DNS proxy's upstream
+    /// queries: marked so the capture never redirects them back to weft).
+    fn udp(&self, ip: IpAddr) -> io::Result<Socket>;
+
+    /// A bound UDP socket with SO_REUSEPORT (the DNS proxy's listener; a new weft binds the
+    /// same port while the old one drains).
+    fn listen_udp(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket>;
+
     /// Whether a connection opened from `source`, a client's address rather than one of this
     /// namespace's own, gets its replies back. Only then may weft preserve the client's
     /// address: elsewhere the replies would be routed to the client itself and the connection
@@ -58,6 +66,29 @@ impl SocketFactory for LocalSockets {
         }
         tune(&s)?;
         Ok(s)
+    }
+
+    fn udp(&self, ip: IpAddr) -> io::Result<Socket> {
+        let s = Socket::new(
+            domain(ip),
+            Type::DGRAM.nonblocking().cloexec(),
+            Some(Protocol::UDP),
+        )?;
+        if let Some(mark) = self.mark {
+            s.set_mark(mark)?;
+        }
+        Ok(s)
+    }
+
+    fn listen_udp(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+        let s = self.udp(addr.ip())?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&addr.into())?;
+        Ok(s.into())
     }
 
     fn listen(&self, addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener> {

@@ -395,6 +395,7 @@ fn workload(w: LocalWorkload, defaults: &Defaults) -> Result<(Workload, ServiceP
         hostname: String::new(),
         waypoint: None,
         network_gateway: None,
+        dns_capture: None,
     };
     Ok((workload, services))
 }

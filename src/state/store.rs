@@ -75,6 +75,9 @@ pub struct Snapshot {
     pub services: OrdMap<ServiceKey, Arc<Service>>,
     #[serde(skip)]
     by_vip: PHashMap<IpAddr, Arc<Service>>,
+    /// hostname → the namespaces with a service of that hostname (DNS answers by name).
+    #[serde(skip)]
+    by_hostname: PHashMap<String, imbl::OrdSet<String>>,
     /// service → workload uid → endpoint.
     pub endpoints: OrdMap<ServiceKey, OrdMap<String, Endpoint>>,
     /// workload uid → the services it is an endpoint of (the reverse of `endpoints`).
@@ -94,6 +97,23 @@ impl Snapshot {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
+    }
+
+    /// Services with this hostname (one per namespace that has one), lowercase as stored.
+    pub fn services_by_hostname<'a>(
+        &'a self,
+        hostname: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.by_hostname
+            .get(hostname)
+            .into_iter()
+            .flat_map(|namespaces| namespaces.iter())
+            .filter_map(move |ns| {
+                self.services.get(&ServiceKey {
+                    namespace: ns.clone(),
+                    hostname: hostname.to_string(),
+                })
+            })
     }
 
     /// Healthy endpoints of a service.
@@ -313,12 +333,23 @@ fn merge_service(snap: &mut Snapshot, sources: &Sources, key: &ServiceKey) {
                 snap.by_vip.remove(vip);
             }
         }
+        let emptied = snap.by_hostname.get_mut(&key.hostname).is_some_and(|nss| {
+            nss.remove(&key.namespace);
+            nss.is_empty()
+        });
+        if emptied {
+            snap.by_hostname.remove(&key.hostname);
+        }
     }
     if let Some(s) = sources.service(key) {
         snap.services.insert(key.clone(), s.clone());
         for vip in &s.vips {
             snap.by_vip.insert(*vip, s.clone());
         }
+        snap.by_hostname
+            .entry(key.hostname.clone())
+            .or_default()
+            .insert(key.namespace.clone());
     }
 }
 

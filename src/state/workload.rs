@@ -82,6 +82,10 @@ pub struct Workload {
     pub network_gateway: Option<GatewayAddress>,
     /// Set for workloads this weft captures.
     pub netns: Option<Netns>,
+    /// The pod's own say on DNS capture (Istio's `ambient.istio.io/dns-capture` annotation);
+    /// None leaves it to the node's setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_capture: Option<bool>,
 }
 
 impl Workload {

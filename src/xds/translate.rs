@@ -172,6 +172,8 @@ fn workload(w: pb::Workload, d: &Defaults) -> Result<(Workload, EndpointPorts), 
         waypoint,
         network_gateway,
         netns: None,
+        // Not in the workload API: istio-cni reads the annotation and redirects (or not).
+        dns_capture: None,
     };
     Ok((workload, endpoints))
 }
