@@ -93,7 +93,7 @@
 #     see _istio-cni-exec. Nothing is mounted or created outside DIR.
 #   * Kubernetes: in-cluster config (KUBERNETES_SERVICE_HOST/PORT + service account token,
 #     the admin's); watches Pods with spec.nodeName=NODE and all Namespaces.
-#   * chart defaults (ambient profile) except: DNS capture off, race repair off, sockets and
+#   * chart defaults (ambient profile, DNS capture on) except: race repair off, sockets and
 #     directories under DIR, free ports, FORCE_IPTABLES_BINARY=nft, and no
 #     ALLOW_SWITCH_TO_HOST_NS (which would point its host rules at PID 1's root netns).
 #   * the installer chains istio-cni into DIR/istio-cni-NODE/net.d/10-weft-lab.conflist
@@ -1416,9 +1416,9 @@ JSON
     # account mount above); the installer also writes them into the plugin's kubeconfig
     KUBERNETES_SERVICE_HOST=127.0.0.1
     "KUBERNETES_SERVICE_PORT=$fport"
+    # DNS capture on, the chart's default: the pods' DNS goes to weft's DNS proxy.
+    AMBIENT_DNS_CAPTURE=true
     # Out of cluster:
-    # - weft has no DNS proxy (chart default: true);
-    AMBIENT_DNS_CAPTURE=false
     # - no sidecar pods, so no race repair (chart default: true): it would run a second pod
     #   controller for nothing;
     REPAIR_ENABLED=false

@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{RData, Record, RecordType};
 
+use common::dns::{self, a_records, ask_udp, query_bytes};
 use common::lab::Lab;
 use common::*;
 use weft::capture::Netns;
@@ -54,10 +55,6 @@ impl Drop for PodResolvConf {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn name(s: &str) -> Name {
-    Name::from_ascii(s).unwrap()
 }
 
 /// What the test resolver saw: (qname, protocol, source address).
@@ -202,41 +199,8 @@ impl TestResolver {
     }
 }
 
-/// A DNS client socket inside a pod's namespace (unmarked: the pod's own traffic, which the
-/// capture redirects).
 fn pod_udp(lab: &Lab, pod: &str) -> UdpSocket {
-    let netns = Netns::open(lab.netns_path(pod)).unwrap();
-    let s = netns.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
-    s.connect(RESOLVER).unwrap();
-    s
-}
-
-fn query_bytes(id: u16, qname: &str, qtype: RecordType) -> Vec<u8> {
-    let mut m = Message::new();
-    m.set_id(id).set_recursion_desired(true);
-    m.add_query(Query::query(name(qname), qtype));
-    m.to_vec().unwrap()
-}
-
-/// One query over UDP from a pod; the answer and how long it took, or None after `wait`.
-fn ask_udp(
-    s: &UdpSocket,
-    id: u16,
-    qname: &str,
-    qtype: RecordType,
-    wait: Duration,
-) -> Option<(Message, Duration)> {
-    s.set_read_timeout(Some(wait)).unwrap();
-    let t0 = Instant::now();
-    s.send(&query_bytes(id, qname, qtype)).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.recv(&mut buf).ok()?;
-        let m = Message::from_vec(&buf[..n]).expect("a DNS answer");
-        if m.id() == id {
-            return Some((m, t0.elapsed()));
-        }
-    }
+    dns::pod_udp(&lab.netns_path(pod), RESOLVER)
 }
 
 /// One query over TCP from a pod.
@@ -258,16 +222,6 @@ fn ask_tcp(lab: &Lab, pod: &str, qname: &str) -> Message {
     let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
     c.read_exact(&mut msg).unwrap();
     Message::from_vec(&msg).unwrap()
-}
-
-fn a_records(m: &Message) -> Vec<String> {
-    m.answers()
-        .iter()
-        .filter_map(|r| match r.data() {
-            RData::A(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The pod's own libc resolver (search list, ndots) as an app uses it.

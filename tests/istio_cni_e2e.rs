@@ -2,7 +2,8 @@
 //! against the test API server inside the lab's node-a namespace): the agent's CNI plugin is
 //! called as a container runtime calls it, the agent installs its redirection in the pod and
 //! hands the pod's namespace to weft over ZDS; weft serves it, releases it when the pod goes
-//! (Del, or absent from a snapshot), and keeps serving across the agent's restart.
+//! (Del, or absent from a snapshot), and keeps serving across the agent's restart. The agent's
+//! DNS redirection (its chart default) brings the pod's DNS to weft's proxy.
 
 mod common;
 
@@ -97,7 +98,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
     let cfg = write_config(
         dir.path(),
         &format!(
-            "workloads:\n- uid: b1\n  name: b1\n  namespace: shop\n  serviceAccount: server\n  workloadIps: [\"10.250.2.2\"]\n  protocol: HBONE\n  node: node-b\n  netns: {}\n",
+            "workloads:\n- uid: b1\n  name: b1\n  namespace: shop\n  serviceAccount: server\n  workloadIps: [\"10.250.2.2\"]\n  protocol: HBONE\n  node: node-b\n  netns: {}\n  services:\n    shop/backend.shop.svc.cluster.local: {{80: 8080}}\nservices:\n- name: backend\n  namespace: shop\n  hostname: backend.shop.svc.cluster.local\n  vips: [\"/10.96.0.20\"]\n  ports: {{80: 8080}}\n",
             lab.netns_path("b1")
         ),
     );
@@ -154,6 +155,30 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
     let dump = config_dump(&a).await;
     assert!(dump.contains(&a1_uid) && dump.contains(&a2_uid), "{dump}");
 
+    // DNS under istio-cni: the agent's rules send a1's DNS to weft's proxy in a1, which
+    // answers the mesh's name from the state; the VIP then carries a1 to b1 over HBONE.
+    assert!(rules.contains("15053"), "agent's DNS redirection: {rules}");
+    let udp = dns::pod_udp(&lab.netns_path("a1"), "10.250.2.3:53");
+    let (answer, _) = dns::ask_udp(
+        &udp,
+        0x0a1,
+        "backend.shop.svc.cluster.local.",
+        hickory_proto::rr::RecordType::A,
+        Duration::from_secs(5),
+    )
+    .expect("weft answers a1's DNS");
+    assert_eq!(dns::a_records(&answer), ["10.96.0.20"]);
+    assert_eq!(
+        lab.send("a1", "10.96.0.20", 80, "cni-dns"),
+        Ok("cni-dns".into())
+    );
+    assert_eq!(b1.next_peer(), "10.250.1.2");
+    eventually(
+        "a1's connection to the VIP arrives with its identity",
+        || logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 2,
+    )
+    .await;
+
     // The agent restarts while a1 holds a connection open: weft reconnects, the snapshot keeps
     // both pods, and the held connection carries on.
     let held = lab.send_in_background("a1", "10.250.2.2", 8080, "held", 4.0);
@@ -177,7 +202,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
         Ok("cni-2".into())
     );
     eventually("a1 still captured after the restart", || {
-        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 3
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 4
     })
     .await;
 
@@ -200,7 +225,7 @@ async fn istio_cni_hands_pods_to_weft_over_zds() {
         Ok("cni-3".into())
     );
     eventually("a1 captured by the new weft", || {
-        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 4
+        logs.inbound_to_from("10.250.2.2:8080", CLIENT) == 5
     })
     .await;
 

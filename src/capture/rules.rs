@@ -425,6 +425,27 @@ mod unit {
     }
 
     #[test]
+    fn dns_is_redirected_only_when_captured() {
+        let on = RuleParams::default().ruleset();
+        assert!(on.contains("udp dport 53 redirect to :15053"));
+        assert!(on.contains("tcp dport 53 redirect to :15053"));
+        let off = RuleParams {
+            dns_port: None,
+            ..RuleParams::default()
+        }
+        .ruleset();
+        assert!(!off.contains("dport 53"), "{off}");
+        // DNS comes before the catch-all TCP redirect, or TCP DNS would go to 15001.
+        let dns_at = on.find("tcp dport 53").unwrap();
+        assert!(dns_at < on.find("meta l4proto tcp redirect to :15001").unwrap());
+        let clash = RuleParams {
+            dns_port: Some(15001),
+            ..RuleParams::default()
+        };
+        assert!(clash.validate().is_err());
+    }
+
+    #[test]
     fn transaction_replaces_the_table() {
         let t = RuleParams::default().transaction();
         assert!(t.starts_with("table inet weft {}\ndelete table inet weft\ntable inet weft {\n"));

@@ -796,4 +796,31 @@ mod tests {
             t.rejected[0].error
         );
     }
+
+    #[test]
+    fn a_pods_dns_capture_annotation_is_read_as_istio_cni_reads_it() {
+        let with = |v: &str| {
+            let mut p = (*pod("shop", "web-1", "10.0.0.1", "n1", json!({}))).clone();
+            p.metadata.annotations = Some(BTreeMap::from([(
+                DNS_CAPTURE_ANNOTATION.to_string(),
+                v.to_string(),
+            )]));
+            let t = run(&ClusterView {
+                namespaces: vec![ns("shop", Some("ambient"))],
+                pods: vec![Arc::new(p)],
+                ..Default::default()
+            });
+            t.data.workloads[0].dns_capture
+        };
+        assert_eq!(with("false"), Some(false));
+        assert_eq!(with("true"), Some(true));
+        assert_eq!(with("tweedledum"), None, "not a boolean: the node decides");
+        let dns = crate::config::Dns::default();
+        assert!(dns.captures(None) && !dns.captures(Some(false)));
+        let off = crate::config::Dns {
+            enabled: false,
+            ..Default::default()
+        };
+        assert!(off.captures(Some(true)) && !off.captures(None));
+    }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod dns;
 pub mod fake_xds;
 pub mod istio;
 pub mod istio_cni;
