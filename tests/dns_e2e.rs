@@ -113,6 +113,17 @@ fn resolver_answer(q: &Message, udp: bool) -> Option<Message> {
     Some(m)
 }
 
+/// Records a query the resolver received.
+fn note(seen: &Seen, q: &Message, proto: &'static str, from: SocketAddr) {
+    if let Some(query) = q.queries().first() {
+        seen.lock().unwrap().push((
+            query.name().to_lowercase().to_ascii(),
+            proto,
+            from.ip().to_string(),
+        ));
+    }
+}
+
 impl TestResolver {
     fn start(lab: &Lab) -> TestResolver {
         let netns = Netns::open(lab.netns_path("b2")).unwrap();
@@ -137,13 +148,7 @@ impl TestResolver {
                 let Ok(q) = Message::from_vec(&buf[..n]) else {
                     continue;
                 };
-                if let Some(query) = q.queries().first() {
-                    s.lock().unwrap().push((
-                        query.name().to_lowercase().to_ascii(),
-                        "udp",
-                        from.ip().to_string(),
-                    ));
-                }
+                note(&s, &q, "udp", from);
                 if let Some(a) = resolver_answer(&q, true) {
                     let _ = udp.send_to(&a.to_vec().unwrap(), from);
                 }
@@ -170,13 +175,7 @@ impl TestResolver {
                 let Ok(q) = Message::from_vec(&msg) else {
                     continue;
                 };
-                if let Some(query) = q.queries().first() {
-                    s.lock().unwrap().push((
-                        query.name().to_lowercase().to_ascii(),
-                        "tcp",
-                        from.ip().to_string(),
-                    ));
-                }
+                note(&s, &q, "tcp", from);
                 if let Some(a) = resolver_answer(&q, false) {
                     let bytes = a.to_vec().unwrap();
                     let mut frame = (bytes.len() as u16).to_be_bytes().to_vec();
@@ -449,6 +448,7 @@ async fn pods_resolve_mesh_names_from_weft_and_the_rest_upstream() {
     // A flood from a1 of queries that hang upstream: bounded per pod (20 pending, the rest
     // SERVFAIL at once); a2's queries are still answered meanwhile, forwarded ones too.
     let flood = pod_udp(&lab, "a1");
+    let before_flood = resolver.saw(BLACKHOLE, "udp").len();
     let t0 = Instant::now();
     for id in 0..2000u16 {
         flood
@@ -478,25 +478,30 @@ async fn pods_resolve_mesh_names_from_weft_and_the_rest_upstream() {
         "FIGURE a2 forwarded query during a1's flood of 2000: {took:?} (flood sent in {:?})",
         t0.elapsed()
     );
-    let m = scrape(a.metrics_addr).await;
+    // Every flood query the kernel delivered is handled within the first second (sent in
+    // ~50 ms); with 20 allowed pending, at most 20 (40 if handling outlasted the first
+    // timeouts) reach the upstream, where without the bound all of them would.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let upstream_blackhole = resolver.saw(BLACKHOLE, "udp").len() - before_flood;
+    assert!(
+        (1..=40).contains(&upstream_blackhole),
+        "{upstream_blackhole} flood queries reached the upstream"
+    );
     let limited = metric(
-        &m,
+        &scrape(a.metrics_addr).await,
         "weft_limit_reached_total",
         &["limit=\"dns_pending_per_pod\""],
     )
     .unwrap_or(0.0);
-    assert!(limited >= 1000.0, "flood not bounded: {limited}\n{m}");
-    let upstream_blackhole = resolver.saw(BLACKHOLE, "udp").len();
-    assert!(
-        upstream_blackhole <= 2000 - 1000,
-        "{upstream_blackhole} flood queries reached the upstream"
-    );
+    assert!(limited >= 100.0, "flood not bounded: {limited}");
+    eprintln!("FIGURE flood of 2000: {limited} answered SERVFAIL at once by the per-pod bound, {upstream_blackhole} forwarded (the rest dropped by the kernel's socket buffer)");
     assert!(
         logs.lines_with("dns_pending_per_pod").len() < 10,
         "one log line per second at most"
     );
 
-    // Figures (not asserted): from the state and forwarded, 4000 queries, 32 in flight.
+    // Figures (not asserted): from the state and forwarded, 4000 queries, 16 in flight (within
+    // the pod's 20 pending).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for (what, qname) in [
         ("answered from state", "backend.shop.svc.cluster.local."),
@@ -504,7 +509,7 @@ async fn pods_resolve_mesh_names_from_weft_and_the_rest_upstream() {
     ] {
         let s = pod_udp(&lab, "a2");
         let cpu0 = cpu_seconds();
-        let (qps, p50, p99) = load(&s, qname, 4000, 32);
+        let (qps, p50, p99) = load(&s, qname, 4000, 16);
         let cpu = cpu_seconds() - cpu0;
         eprintln!(
             "FIGURE DNS {what}: {qps:.0} queries/s, p50 {p50:?}, p99 {p99:?}, CPU of the test process (weft, client, resolver) {:.1} ms per 1000 queries",

@@ -31,20 +31,7 @@ fn pods_yaml() -> String {
 }
 
 fn set_running(api: &ApiServer, name: &str, ip: &str) -> String {
-    let status = format!(
-        r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
-    );
-    api.kubectl(&[
-        "-n",
-        "shop",
-        "patch",
-        "pod",
-        name,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &status,
-    ]);
+    api.set_pod_running("shop", name, ip);
     api.kubectl(&[
         "-n",
         "shop",

@@ -68,24 +68,6 @@ fn objects() -> String {
     y
 }
 
-/// Sets a pod's status as a kubelet would: Running, Ready, with its IP.
-fn set_running(api: &ApiServer, ns: &str, pod: &str, ip: &str) {
-    let status = format!(
-        r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"hostIP":"10.250.0.1","conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
-    );
-    api.kubectl(&[
-        "patch",
-        "pod",
-        pod,
-        "-n",
-        ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &status,
-    ]);
-}
-
 fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, token).expect("token file");
@@ -209,10 +191,10 @@ async fn weft_runs_under_a_real_istiod() {
     let mut lab = Lab::up(&[]);
     lab.hold(&["a1", "b1"]);
     let created = Instant::now();
-    set_running(&api, "istio-system", "ztunnel-a", "10.250.0.1");
-    set_running(&api, "istio-system", "ztunnel-b", "10.250.0.2");
-    set_running(&api, "shop", "a1", "10.250.1.2");
-    set_running(&api, "shop", "b1", "10.250.2.2");
+    api.set_pod_running("istio-system", "ztunnel-a", "10.250.0.1");
+    api.set_pod_running("istio-system", "ztunnel-b", "10.250.0.2");
+    api.set_pod_running("shop", "a1", "10.250.1.2");
+    api.set_pod_running("shop", "b1", "10.250.2.2");
 
     let dir = tempfile::tempdir().unwrap();
     let token_a = write_token(
@@ -258,7 +240,7 @@ async fn weft_runs_under_a_real_istiod() {
     api.apply_yaml(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a3\n  namespace: shop\n  labels:\n    app: a3\n  annotations:\n    ambient.istio.io/redirection: enabled\nspec:\n  serviceAccountName: client\n  nodeName: node-a\n  containers:\n  - name: app\n    image: app\n",
     );
-    set_running(&api, "shop", "a3", "10.250.1.4");
+    api.set_pod_running("shop", "a3", "10.250.1.4");
     let took = wait_for("node B holds a new pod", Duration::from_secs(30), || {
         b.node
             .ctx

@@ -42,23 +42,6 @@ fn objects() -> String {
     y
 }
 
-fn set_running(api: &ApiServer, ns: &str, pod: &str, ip: &str) {
-    let status = format!(
-        r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"hostIP":"10.250.0.1","conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
-    );
-    api.kubectl(&[
-        "patch",
-        "pod",
-        pod,
-        "-n",
-        ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &status,
-    ]);
-}
-
 fn pa(ns: &str, name: &str, spec: &str) -> String {
     format!("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}")
 }
@@ -238,9 +221,9 @@ async fn peer_authentication_decides_alike_under_istiod_and_from_kubernetes() {
     let api = ApiServer::start();
     let istiod = Istiod::start(&api);
     api.apply_yaml(&objects());
-    set_running(&api, "istio-system", "ztunnel-a", "10.250.0.1");
+    api.set_pod_running("istio-system", "ztunnel-a", "10.250.0.1");
     for (name, _, ip) in PODS {
-        set_running(&api, "shop", name, ip);
+        api.set_pod_running("shop", name, ip);
     }
 
     // weft's state from istiod.

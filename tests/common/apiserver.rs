@@ -91,6 +91,25 @@ impl ApiServer {
         );
     }
 
+    /// Sets a pod's status as a kubelet would: Running, Ready, with its IP (and the node's
+    /// address as hostIP).
+    pub fn set_pod_running(&self, namespace: &str, pod: &str, ip: &str) {
+        let status = format!(
+            r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"hostIP":"10.250.0.1","conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
+        );
+        self.kubectl(&[
+            "patch",
+            "pod",
+            pod,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ]);
+    }
+
     /// Runs kubectl as the admin; returns its stdout. Panics with its stderr if it fails.
     pub fn kubectl(&self, args: &[&str]) -> String {
         self.run_kubectl(args, None)

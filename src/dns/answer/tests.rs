@@ -228,3 +228,56 @@ fn an_answer_too_big_for_udp_is_truncated() {
     assert!(!back.truncated());
     assert_eq!(back.answers().len(), 60);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn label() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("backend".to_string()),
+            Just("shop".to_string()),
+            Just("svc".to_string()),
+            Just("cluster".to_string()),
+            Just("local".to_string()),
+            Just("wild".to_string()),
+            Just("example".to_string()),
+            "[a-zA-Z0-9-]{1,20}",
+        ]
+    }
+
+    proptest! {
+        /// Whatever arrives, parsing and deciding never panic; an answer keeps the query's id
+        /// and question and fits the client's UDP size once encoded.
+        #[test]
+        fn any_packet_is_refused_or_answered_within_bounds(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let snap = mesh();
+            if let Ok(q) = Message::from_vec(&bytes) {
+                if let Lookup::Answer(m) = ask(&snap, &q) {
+                    prop_assert_eq!(m.id(), q.id());
+                    let wire = encode_within(&m, 512).expect("encodes");
+                    prop_assert!(wire.len() <= 512 || m.queries().len() > 1);
+                }
+            }
+        }
+
+        #[test]
+        fn any_name_is_answered_only_with_state_addresses(labels in proptest::collection::vec(label(), 1..7), aaaa in any::<bool>()) {
+            let snap = mesh();
+            let qname = format!("{}.", labels.join("."));
+            // Not every generated text is a name (a label may not start with "-").
+            prop_assume!(Name::from_ascii(&qname).is_ok());
+            let t = if aaaa { RecordType::AAAA } else { RecordType::A };
+            if let Lookup::Answer(m) = ask(&snap, &query(&qname, t)) {
+                let vips: Vec<String> = snap
+                    .services
+                    .values()
+                    .flat_map(|s| s.vips.iter().map(|v| v.to_string()))
+                    .collect();
+                for (_, v) in records(&m) {
+                    prop_assert!(v.starts_with("CNAME ") || vips.contains(&v), "{} answered {}", qname, v);
+                }
+            }
+        }
+    }
+}
