@@ -103,8 +103,9 @@ server_version="$(kc version -o json 2>/dev/null | python3 -c 'import json,sys; 
 ok "kube-apiserver $server_version"
 
 step "apply the CRD and the Namespace for real"
-kc apply -f "$MANIFESTS/crds/authorizationpolicies.security.istio.io.yaml" -f "$MANIFESTS/crds/peerauthentications.security.istio.io.yaml"
-kc wait --for condition=established --timeout=60s crd/authorizationpolicies.security.istio.io crd/peerauthentications.security.istio.io
+kc apply -f "$MANIFESTS/crds/"
+kc wait --for condition=established --timeout=60s crd/authorizationpolicies.security.istio.io \
+  crd/peerauthentications.security.istio.io crd/serviceentries.networking.istio.io crd/workloadentries.networking.istio.io
 kc apply -f "$MANIFESTS/namespace.yaml"
 
 step "server-side dry run of daemonset/ and cni-uninstall.yaml (strict field validation)"

@@ -183,11 +183,13 @@ async fn label_ambient(client: &Client, ns: &str, on: bool) {
         .expect("label namespace");
 }
 
-fn security_api(client: &Client, kind: &str, plural: &str) -> Api<DynamicObject> {
+/// Istio objects of `group` (`security`, `networking`) in namespace shop.
+fn istio_api(client: &Client, group: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
+    let group = format!("{group}.istio.io");
     let ar = ApiResource {
-        group: "security.istio.io".into(),
+        api_version: format!("{group}/v1"),
+        group,
         version: "v1".into(),
-        api_version: "security.istio.io/v1".into(),
         kind: kind.into(),
         plural: plural.into(),
     };
@@ -195,11 +197,29 @@ fn security_api(client: &Client, kind: &str, plural: &str) -> Api<DynamicObject>
 }
 
 fn policies(client: &Client) -> Api<DynamicObject> {
-    security_api(client, "AuthorizationPolicy", "authorizationpolicies")
+    istio_api(
+        client,
+        "security",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    )
 }
 
 fn peer_authns(client: &Client) -> Api<DynamicObject> {
-    security_api(client, "PeerAuthentication", "peerauthentications")
+    istio_api(
+        client,
+        "security",
+        "PeerAuthentication",
+        "peerauthentications",
+    )
+}
+
+fn service_entries(client: &Client) -> Api<DynamicObject> {
+    istio_api(client, "networking", "ServiceEntry", "serviceentries")
+}
+
+fn workload_entries(client: &Client) -> Api<DynamicObject> {
+    istio_api(client, "networking", "WorkloadEntry", "workloadentries")
 }
 
 /// The CRDs of daemonset/crds, applied and served.
@@ -217,6 +237,8 @@ async fn apply_crds(client: &Client) {
     for file in [
         "authorizationpolicies.security.istio.io.yaml",
         "peerauthentications.security.istio.io.yaml",
+        "serviceentries.networking.istio.io.yaml",
+        "workloadentries.networking.istio.io.yaml",
     ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("daemonset/crds")
@@ -229,12 +251,20 @@ async fn apply_crds(client: &Client) {
     for _ in 0..100 {
         if policies(client).list(&Default::default()).await.is_ok()
             && peer_authns(client).list(&Default::default()).await.is_ok()
+            && service_entries(client)
+                .list(&Default::default())
+                .await
+                .is_ok()
+            && workload_entries(client)
+                .list(&Default::default())
+                .await
+                .is_ok()
         {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the security.istio.io CRDs were never served");
+    panic!("the Istio CRDs of daemonset/crds were never served");
 }
 
 /// Connections b1 accepted from a1 (shop/frontend) in mTLS, as node-b counts them.
@@ -356,7 +386,7 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     let a = start_k8s_node("a", &weft_kubeconfig, mesh_ca.signer(&api, "weft-a")).await;
     let b = start_k8s_node("b", &weft_kubeconfig, mesh_ca.signer(&api, "weft-b")).await;
     let b1 = lab.serve("b1", 8080);
-    lab.serve("b2", 8080);
+    let b2 = lab.serve("b2", 8080);
 
     // Not labelled yet: nothing captured, traffic flows as before.
     assert!(lab.ruleset("a1").is_none() && lab.ruleset("b1").is_none());
@@ -529,6 +559,101 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         .await
         .expect("delete PeerAuthentication");
     eventually_send(&lab, "b2", "10.250.2.2", 8080, true).await;
+
+    // A ServiceEntry over a pod and a WorkloadEntry: b1 (captured, app: backend) and vm-b2
+    // (b2's address, not enrolled in the mesh). Its host resolves through a1's DNS proxy to
+    // the entry's VIP, and connections to the VIP are spread over both: to b1 over HBONE, to
+    // b2 in plain TCP.
+    create(
+        &workload_entries(&client),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+            "metadata": {"name": "vm-b2"},
+            "spec": {"address": "10.250.2.3", "labels": {"app": "backend"}, "serviceAccount": "vm"}}),
+    )
+    .await;
+    create(
+        &service_entries(&client),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "db"},
+            "spec": {"hosts": ["db.example.internal"], "addresses": ["240.240.0.5"],
+                "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP", "targetPort": 8080}],
+                "location": "MESH_INTERNAL", "resolution": "STATIC",
+                "workloadSelector": {"labels": {"app": "backend"}}}}),
+    )
+    .await;
+    // Asked only once node a holds the entry: an unknown name would be forwarded to the
+    // pod's resolver, which here is nothing the lab created.
+    eventually("node a holds the ServiceEntry and its endpoints", || {
+        let snap = a.ctx.state.snapshot();
+        let held = snap
+            .services_by_hostname("db.example.internal")
+            .any(|s| snap.healthy_endpoints(&s.key()).count() == 2);
+        held
+    })
+    .await;
+    let udp = common::dns::pod_udp(&lab.netns_path("a1"), "10.250.2.3:53");
+    let (answer, _) = common::dns::ask_udp(
+        &udp,
+        0x5e,
+        "db.example.internal.",
+        hickory_proto::rr::RecordType::A,
+        Duration::from_secs(3),
+    )
+    .expect("a1's DNS proxy answers");
+    assert_eq!(
+        common::dns::a_records(&answer),
+        ["240.240.0.5"],
+        "the entry's host through a1's DNS proxy"
+    );
+    while b1.peers.try_recv().is_ok() {}
+    while b2.peers.try_recv().is_ok() {}
+    let (mut at_b1, mut at_b2) = (0, 0);
+    for i in 0..20 {
+        assert_eq!(
+            lab.send("a1", "240.240.0.5", 5432, &format!("se-{i}")),
+            Ok(format!("se-{i}"))
+        );
+        while let Ok(peer) = b1.peers.recv_timeout(Duration::from_millis(50)) {
+            assert_eq!(peer, "10.250.1.2");
+            at_b1 += 1;
+        }
+        while let Ok(peer) = b2.peers.recv_timeout(Duration::from_millis(50)) {
+            assert_eq!(peer, "10.250.1.2");
+            at_b2 += 1;
+        }
+    }
+    assert!(
+        at_b1 > 0 && at_b2 > 0 && at_b1 + at_b2 == 20,
+        "spread over both endpoints: b1 {at_b1}, b2 {at_b2}"
+    );
+    let m = scrape(a.metrics_addr).await;
+    let to = |workload: &str, security: &str| {
+        metric(
+            &m,
+            OPENED,
+            &[
+                "reporter=\"source\"",
+                &format!("destination_workload=\"{workload}\""),
+                "destination_service=\"db.example.internal\"",
+                &format!("connection_security_policy=\"{security}\""),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (to("b1", "mutual_tls"), to("vm-b2", "unknown")),
+        (at_b1 as f64, at_b2 as f64),
+        "{m}"
+    );
+    service_entries(&client)
+        .delete("db", &DeleteParams::default())
+        .await
+        .expect("delete ServiceEntry");
+    workload_entries(&client)
+        .delete("vm-b2", &DeleteParams::default())
+        .await
+        .expect("delete WorkloadEntry");
+
     assert_eq!(lab.ruleset("a1").as_deref(), Some(a1_rules.as_str()));
     assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 1);
     assert_eq!(

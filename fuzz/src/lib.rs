@@ -143,6 +143,8 @@ pub fn k8s_translate(data: &[u8]) {
         endpoint_slices: objects(&v, "endpointSlices"),
         policies: objects(&v, "policies"),
         peer_authentications: objects(&v, "peerAuthentications"),
+        service_entries: objects(&v, "serviceEntries"),
+        workload_entries: objects(&v, "workloadEntries"),
     };
     let facts = ClusterFacts {
         trust_domain: TRUST_DOMAIN.into(),

@@ -1,6 +1,6 @@
 //! Kubernetes as a configuration source: watches of Namespaces, Pods, Services, EndpointSlices,
-//! AuthorizationPolicies and PeerAuthentications, turned into weft's state (the `kubernetes`
-//! source of the state store). Pods on this node in ambient namespaces become captured
+//! AuthorizationPolicies, PeerAuthentications, ServiceEntries and WorkloadEntries, turned into
+//! weft's state (the `kubernetes` source of the state store). Pods on this node in ambient namespaces become captured
 //! workloads, and the enroller captures them through the same entry point as the local file's
 //! pods.
 //!
@@ -9,6 +9,7 @@
 //! any change. Recomputing from the full copies, never patching by event, is what makes a
 //! re-list land on exactly the same state: no duplicate captures, no forgotten pods.
 
+pub mod service_entry;
 pub mod translate;
 
 use std::fmt::Debug;
@@ -104,6 +105,8 @@ pub fn start(
     let (slices_tx, slices) = tokio::sync::oneshot::channel();
     let (policies_tx, policies) = tokio::sync::oneshot::channel();
     let (peer_authns_tx, peer_authns) = tokio::sync::oneshot::channel();
+    let (service_entries_tx, service_entries) = tokio::sync::oneshot::channel();
+    let (workload_entries_tx, workload_entries) = tokio::sync::oneshot::channel();
     tasks.push(tokio::spawn(mirror_discovered(
         client.clone(),
         "discovery.k8s.io",
@@ -119,11 +122,25 @@ pub fn start(
         policies_tx,
     )));
     tasks.push(tokio::spawn(mirror_discovered(
-        client,
+        client.clone(),
         "security.istio.io",
         "PeerAuthentication",
         changed.clone(),
         peer_authns_tx,
+    )));
+    tasks.push(tokio::spawn(mirror_discovered(
+        client.clone(),
+        "networking.istio.io",
+        "ServiceEntry",
+        changed.clone(),
+        service_entries_tx,
+    )));
+    tasks.push(tokio::spawn(mirror_discovered(
+        client,
+        "networking.istio.io",
+        "WorkloadEntry",
+        changed.clone(),
+        workload_entries_tx,
     )));
     tasks.push(tokio::spawn(async move {
         let mirrors = Mirrors {
@@ -133,6 +150,8 @@ pub fn start(
             endpoint_slices: ready_or_absent(slices).await,
             policies: ready_or_absent(policies).await,
             peer_authns: ready_or_absent(peer_authns).await,
+            service_entries: ready_or_absent(service_entries).await,
+            workload_entries: ready_or_absent(workload_entries).await,
         };
         if mirrors.wait_listed().await {
             rebuild_forever(
@@ -154,6 +173,8 @@ struct Mirrors {
     endpoint_slices: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
     policies: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
     peer_authns: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
+    service_entries: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
+    workload_entries: Arc<arc_swap::ArcSwapOption<Store<DynamicObject>>>,
 }
 
 impl Mirrors {
@@ -175,6 +196,8 @@ impl Mirrors {
             endpoint_slices: dynamic(&self.endpoint_slices),
             policies: dynamic(&self.policies),
             peer_authentications: dynamic(&self.peer_authns),
+            service_entries: dynamic(&self.service_entries),
+            workload_entries: dynamic(&self.workload_entries),
         }
     }
 }
@@ -325,7 +348,7 @@ async fn rebuild_forever(
             .collect();
         if rejected != last_rejected {
             for r in &translated.rejected {
-                warn!(policy = %r.key, error = %r.error, "policy rejected; the others stay in force");
+                warn!(object = %r.key, error = %r.error, "object rejected; the others stay in force");
             }
             last_rejected = rejected;
         }

@@ -47,10 +47,12 @@ pub struct ClusterView {
     pub endpoint_slices: Vec<Arc<DynamicObject>>,
     pub policies: Vec<Arc<DynamicObject>>,
     pub peer_authentications: Vec<Arc<DynamicObject>>,
+    pub service_entries: Vec<Arc<DynamicObject>>,
+    pub workload_entries: Vec<Arc<DynamicObject>>,
 }
 
-/// A policy object (AuthorizationPolicy or PeerAuthentication) the API server accepted but weft
-/// cannot enforce, with why.
+/// An object (AuthorizationPolicy, PeerAuthentication, ServiceEntry, WorkloadEntry) the API
+/// server accepted but weft cannot use, with why; the others stay in force.
 #[derive(Debug)]
 pub struct RejectedPolicy {
     pub key: String,
@@ -96,6 +98,16 @@ pub fn translate(
             .push((pod, w.uid.clone()));
         data.workloads.push(w);
     }
+
+    let mut rejected = Vec::new();
+    super::service_entry::translate(
+        &view.service_entries,
+        &view.workload_entries,
+        &pods_by_ns,
+        facts,
+        &mut data,
+        &mut rejected,
+    );
 
     let mut slices_by_service: HashMap<(&str, &str), Vec<&DynamicObject>> = HashMap::new();
     for slice in &view.endpoint_slices {
@@ -153,7 +165,6 @@ pub fn translate(
         data.services.push(service);
     }
 
-    let mut rejected = Vec::new();
     for obj in &view.policies {
         let key = format!(
             "{}/{}",

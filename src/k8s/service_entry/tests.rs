@@ -1,0 +1,203 @@
+//! ServiceEntry and WorkloadEntry objects as users write them → weft's services and workloads.
+
+use serde_json::json;
+
+use super::*;
+use crate::state::ServiceKey;
+
+fn facts() -> ClusterFacts {
+    ClusterFacts {
+        trust_domain: "cluster.local".into(),
+        cluster_id: "Kubernetes".into(),
+        domain_suffix: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    }
+}
+
+fn obj(v: serde_json::Value) -> Arc<DynamicObject> {
+    Arc::new(serde_json::from_value(v).expect("object"))
+}
+
+fn pod(name: &str, labels: serde_json::Value) -> Pod {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "namespace": "shop", "labels": labels}}),
+    )
+    .unwrap()
+}
+
+fn run(
+    ses: Vec<Arc<DynamicObject>>,
+    wes: Vec<Arc<DynamicObject>>,
+    pods: &[(Pod, String)],
+) -> (SourceData, Vec<RejectedPolicy>) {
+    let mut by_ns: HashMap<&str, Vec<(&Pod, String)>> = HashMap::new();
+    for (p, uid) in pods {
+        by_ns.entry("shop").or_default().push((p, uid.clone()));
+    }
+    let (mut data, mut rejected) = (SourceData::default(), Vec::new());
+    translate(&ses, &wes, &by_ns, &facts(), &mut data, &mut rejected);
+    (data, rejected)
+}
+
+fn vm(name: &str, ip: &str, enrolled: bool) -> Arc<DynamicObject> {
+    let annotations = if enrolled {
+        json!({"ambient.istio.io/redirection": "enabled"})
+    } else {
+        json!({})
+    };
+    obj(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": name, "namespace": "shop", "annotations": annotations, "labels": {"team": "x"}},
+        "spec": {"address": ip, "labels": {"app": "db"}, "serviceAccount": "db", "ports": {"tcp": 9000}}
+    }))
+}
+
+fn db_entry(extra: serde_json::Value) -> Arc<DynamicObject> {
+    let mut spec = json!({
+        "hosts": ["db.example.internal"],
+        "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP", "targetPort": 8080}],
+        "location": "MESH_INTERNAL", "resolution": "STATIC",
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    obj(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "db", "namespace": "shop"}, "spec": spec
+    }))
+}
+
+fn key() -> ServiceKey {
+    ServiceKey {
+        namespace: "shop".into(),
+        hostname: "db.example.internal".into(),
+    }
+}
+
+#[test]
+fn workload_entries_are_workloads_hbone_only_when_enrolled() {
+    let (data, rejected) = run(
+        vec![],
+        vec![vm("vm1", "10.9.0.1", true), vm("vm2", "10.9.0.2", false)],
+        &[],
+    );
+    assert!(rejected.is_empty());
+    let w = |n: &str| data.workloads.iter().find(|w| w.name == n).unwrap();
+    assert_eq!(w("vm1").protocol, Protocol::HBONE);
+    assert_eq!(w("vm2").protocol, Protocol::TCP);
+    assert_eq!(
+        w("vm1").uid,
+        "Kubernetes/networking.istio.io/WorkloadEntry/shop/vm1"
+    );
+    assert_eq!(w("vm1").service_account, "db");
+    assert_eq!(
+        w("vm1").workload_ips,
+        ["10.9.0.1".parse::<IpAddr>().unwrap()]
+    );
+    // Labels from the object and the spec, the spec's winning.
+    assert_eq!(w("vm1").labels.get("app").map(String::as_str), Some("db"));
+    assert_eq!(w("vm1").labels.get("team").map(String::as_str), Some("x"));
+    assert!(w("vm1").netns.is_none(), "never captured here");
+}
+
+#[test]
+fn a_selector_service_entry_spreads_over_pods_and_workload_entries() {
+    let pods = [
+        (pod("db-1", json!({"app": "db"})), "uid-db-1".to_string()),
+        (pod("web-1", json!({"app": "web"})), "uid-web-1".to_string()),
+    ];
+    let (data, rejected) = run(
+        vec![db_entry(json!({
+            "addresses": ["240.240.0.5"],
+            "workloadSelector": {"labels": {"app": "db"}}
+        }))],
+        vec![vm("vm1", "10.9.0.1", false)],
+        &pods,
+    );
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let svc = &data.services[0];
+    assert_eq!(svc.key(), key());
+    assert_eq!(svc.name, "db");
+    assert_eq!(svc.vips, ["240.240.0.5".parse::<IpAddr>().unwrap()]);
+    assert_eq!(svc.ports, BTreeMap::from([(5432, 8080)]));
+    let eps: Vec<(&str, &BTreeMap<u16, u16>)> = data
+        .endpoints
+        .iter()
+        .map(|(k, uid, p)| {
+            assert_eq!(*k, key());
+            (uid.as_str(), p)
+        })
+        .collect();
+    // The pod takes the entry's target port; the WorkloadEntry its own port of that name.
+    assert_eq!(
+        eps,
+        [
+            ("uid-db-1", &BTreeMap::new()),
+            (
+                "Kubernetes/networking.istio.io/WorkloadEntry/shop/vm1",
+                &BTreeMap::from([(5432, 9000)])
+            )
+        ]
+    );
+}
+
+#[test]
+fn inline_endpoints_are_workloads_and_allocated_addresses_are_vips() {
+    let mut se = db_entry(json!({
+        "hosts": ["db.example.internal", "*.wild.example"],
+        "endpoints": [{"address": "10.9.1.1"}, {"address": "10.9.1.2", "ports": {"tcp": 7000}}],
+    }));
+    Arc::get_mut(&mut se).unwrap().data["status"] = json!({"addresses": [
+        {"host": "db.example.internal", "value": "240.240.10.1"},
+        {"host": "db.example.internal", "value": "2001:2::1"},
+    ]});
+    let (data, rejected) = run(vec![se], vec![], &[]);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let hosts: Vec<(&str, usize)> = data
+        .services
+        .iter()
+        .map(|s| (s.hostname.as_str(), s.vips.len()))
+        .collect();
+    assert_eq!(hosts, [("db.example.internal", 2), ("*.wild.example", 0)]);
+    let uids: Vec<&str> = data.workloads.iter().map(|w| w.uid.as_str()).collect();
+    assert_eq!(
+        uids,
+        [
+            "Kubernetes/networking.istio.io/ServiceEntry/shop/db/10.9.1.1",
+            "Kubernetes/networking.istio.io/ServiceEntry/shop/db/10.9.1.2"
+        ]
+    );
+    assert!(data.workloads.iter().all(|w| w.protocol == Protocol::TCP));
+    // Two hosts × two endpoints.
+    assert_eq!(data.endpoints.len(), 4);
+    assert!(data
+        .endpoints
+        .iter()
+        .any(|(_, uid, p)| uid.ends_with("10.9.1.2") && p == &BTreeMap::from([(5432, 7000)])));
+}
+
+#[test]
+fn a_malformed_entry_is_refused_by_name_and_the_others_stay() {
+    let bad = obj(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "bad", "namespace": "shop"},
+        "spec": {"hosts": "not-a-list"}
+    }));
+    let empty = obj(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "nohosts", "namespace": "shop"}, "spec": {}
+    }));
+    let badport = db_entry(json!({"ports": [{"number": 70000, "name": "x"}]}));
+    let (data, rejected) = run(vec![bad, empty, badport, db_entry(json!({}))], vec![], &[]);
+    let keys: Vec<&str> = rejected.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "shop/bad (ServiceEntry)",
+            "shop/nohosts (ServiceEntry)",
+            "shop/db (ServiceEntry)"
+        ]
+    );
+    // The last, good one is there (the bad port alone was dropped from the other).
+    assert!(data.services.iter().any(|s| s.ports.contains_key(&5432)));
+}
