@@ -76,6 +76,15 @@ pub struct Cached {
 }
 
 impl Cached {
+    /// Nothing known (a failed read): no resolvers, looked for again soon.
+    pub fn empty() -> Cached {
+        Cached {
+            conf: ResolvConf::default(),
+            origin: Origin::Fallback,
+            read_at: Instant::now(),
+        }
+    }
+
     pub fn is_fresh(&self) -> bool {
         let ttl = match self.origin {
             Origin::Pod => REFRESH,

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType};
@@ -62,7 +62,9 @@ struct PodResolver {
     svc_domain: Name,
     cluster_domain: Name,
     budget: PodBudget,
-    upstreams: Mutex<Option<Cached>>,
+    /// The pod's resolvers. An async lock held across a refresh, so a burst of queries on a
+    /// cold or stale cache waits for one read of /proc rather than starting one each.
+    upstreams: tokio::sync::Mutex<Option<Arc<Cached>>>,
 }
 
 impl PodDns {
@@ -110,7 +112,7 @@ impl PodDns {
             canonical_revision: workload.canonical_revision.clone(),
             svc_domain,
             cluster_domain,
-            upstreams: Mutex::new(None),
+            upstreams: tokio::sync::Mutex::new(None),
         });
         let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
         if ipv6 {
@@ -153,14 +155,9 @@ impl PodResolver {
     }
 
     /// The pod's resolvers and search list, from the cache or read anew (off the runtime).
-    async fn upstreams(&self) -> Cached {
-        if let Some(c) = self
-            .upstreams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .filter(|c| c.is_fresh())
-        {
+    async fn upstreams(&self) -> Arc<Cached> {
+        let mut cached = self.upstreams.lock().await;
+        if let Some(c) = cached.as_ref().filter(|c| c.is_fresh()) {
             return c.clone();
         }
         let (netns, fallback) = (
@@ -169,8 +166,12 @@ impl PodResolver {
         );
         let read = tokio::task::spawn_blocking(move || resolv::read_for_pod(netns, &fallback))
             .await
-            .unwrap_or_else(|_| resolv::read_for_pod(netns, std::path::Path::new("/")));
-        *self.upstreams.lock().unwrap_or_else(|p| p.into_inner()) = Some(read.clone());
+            .unwrap_or_else(|e| {
+                warn!(pod = self.budget.pod(), error = %e, "reading the pod's resolv.conf failed");
+                Cached::empty()
+            });
+        let read = Arc::new(read);
+        *cached = Some(read.clone());
         read
     }
 
