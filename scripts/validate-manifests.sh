@@ -58,7 +58,7 @@ ok "kubectl $("$KUBECTL_BIN" version --client -o json 2>/dev/null | sed -n 's/.*
 step "render daemonset/ (kubectl kustomize)"
 "$KUBECTL_BIN" kustomize "$MANIFESTS" >"$work/rendered.yaml"
 kinds="$(grep -E '^kind: ' "$work/rendered.yaml" | sort | tr '\n' ' ')"
-want="kind: ClusterRole kind: ClusterRole kind: ClusterRoleBinding kind: ClusterRoleBinding kind: ConfigMap kind: CustomResourceDefinition kind: DaemonSet kind: Deployment kind: Namespace kind: PodDisruptionBudget kind: Service kind: ServiceAccount kind: ServiceAccount "
+want="kind: ClusterRole kind: ClusterRole kind: ClusterRoleBinding kind: ClusterRoleBinding kind: ConfigMap kind: CustomResourceDefinition kind: CustomResourceDefinition kind: CustomResourceDefinition kind: CustomResourceDefinition kind: DaemonSet kind: Deployment kind: Namespace kind: PodDisruptionBudget kind: Service kind: ServiceAccount kind: ServiceAccount "
 [[ $kinds == "$want" ]] || fail "unexpected objects in daemonset/: $kinds"
 [[ $(grep -E '^kind: ' "$MANIFESTS/cni-uninstall.yaml") == "kind: DaemonSet" ]] ||
   fail "cni-uninstall.yaml: expected one DaemonSet"
@@ -201,16 +201,20 @@ if not blocks:
     sys.exit("no PeerAuthentication sample in README.md")
 open(sys.argv[2], "w").write("---\n".join(blocks))
 EOF
-kc create namespace shop --dry-run=client -o yaml | kc apply -f - >/dev/null
+kc get namespace shop >/dev/null 2>&1 || kc create namespace shop >/dev/null
 kc apply -f "$work/peer-authn.yaml"
 kc get peerauthentications.v1.security.istio.io -n shop -o json >"$work/pa-got.json"
 kc create --dry-run=client -f "$work/peer-authn.yaml" -o json >"$work/pa-want.json"
 python3 - "$work/pa-want.json" "$work/pa-got.json" <<'EOF' || fail "PeerAuthentication fields lost on the way through the API server"
 import json, sys
 def specs(path):
-    doc = json.load(open(path))
-    items = doc.get("items", [doc])
-    return sorted((i["metadata"]["name"], json.dumps(i["spec"], sort_keys=True)) for i in items)
+    # One object, a List, or (kubectl create --dry-run=client of several) objects one after another.
+    text, dec, docs, at = open(path).read(), json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        doc, end = dec.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+        docs.extend(doc.get("items", [doc]))
+        at = end
+    return sorted((i["metadata"]["name"], json.dumps(i["spec"], sort_keys=True)) for i in docs)
 want, got = specs(sys.argv[1]), specs(sys.argv[2])
 sys.exit(0 if want == got else f"want {want}\n got {got}")
 EOF
