@@ -62,9 +62,11 @@ struct PodResolver {
     svc_domain: Name,
     cluster_domain: Name,
     budget: PodBudget,
-    /// The pod's resolvers. An async lock held across a refresh, so a burst of queries on a
-    /// cold or stale cache waits for one read of /proc rather than starting one each.
-    upstreams: tokio::sync::Mutex<Option<Arc<Cached>>>,
+    /// The pod's resolvers, read without a lock by every query.
+    upstreams: arc_swap::ArcSwapOption<Cached>,
+    /// Held across a refresh, so a burst of queries on a cold or stale cache waits for one
+    /// read of /proc rather than starting one each.
+    refresh: tokio::sync::Mutex<()>,
 }
 
 impl PodDns {
@@ -112,7 +114,8 @@ impl PodDns {
             canonical_revision: workload.canonical_revision.clone(),
             svc_domain,
             cluster_domain,
-            upstreams: tokio::sync::Mutex::new(None),
+            upstreams: Default::default(),
+            refresh: Default::default(),
         });
         let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
         if ipv6 {
@@ -156,9 +159,14 @@ impl PodResolver {
 
     /// The pod's resolvers and search list, from the cache or read anew (off the runtime).
     async fn upstreams(&self) -> Arc<Cached> {
-        let mut cached = self.upstreams.lock().await;
-        if let Some(c) = cached.as_ref().filter(|c| c.is_fresh()) {
-            return c.clone();
+        let fresh = || self.upstreams.load_full().filter(|c| c.is_fresh());
+        if let Some(c) = fresh() {
+            return c;
+        }
+        let _one = self.refresh.lock().await;
+        // Another query may have refreshed it while this one waited.
+        if let Some(c) = fresh() {
+            return c;
         }
         let (netns, fallback) = (
             self.netns,
@@ -171,7 +179,7 @@ impl PodResolver {
                 Cached::empty()
             });
         let read = Arc::new(read);
-        *cached = Some(read.clone());
+        self.upstreams.store(Some(read.clone()));
         read
     }
 
