@@ -236,11 +236,6 @@ impl WorkloadProxy {
         self.dns = Some(dns);
     }
 
-    /// Where the pod's DNS proxy listens (empty when its DNS is not captured).
-    pub fn dns_bound(&self) -> &[SocketAddr] {
-        self.dns.as_ref().map_or(&[], |d| d.bound.as_slice())
-    }
-
     /// Stops accepting; connections in flight finish on their own.
     pub fn stop(&mut self) {
         for t in self.tasks.drain(..) {
