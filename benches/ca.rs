@@ -62,6 +62,7 @@ fn main() {
         let client = weft::k8s::client(&weft::k8s::KubeSettings {
             kubeconfig: Some(api.kubeconfig()),
             domain_suffix: String::new(),
+            auto_allocate_vips: true,
         })
         .await
         .unwrap();

@@ -127,9 +127,10 @@ pub struct Dns {
     /// (answers from weft's state are never limited: they cost no upstream).
     pub pending_per_pod: usize,
     pub pending: usize,
-    /// The resolvers used when a pod's own `resolv.conf` cannot be found (no process of the
-    /// pod is visible): weft's own, as ztunnel does.
-    pub fallback_resolv_conf: PathBuf,
+    /// weft's own resolvers: for the hostnames of endpoints known only by name (ServiceEntries
+    /// with `resolution: DNS`), and for a pod whose own `resolv.conf` cannot be found (no
+    /// process of the pod is visible), as ztunnel does.
+    pub own_resolv_conf: PathBuf,
     /// The cluster's DNS suffix (`cluster.local`): short service names are expanded with it.
     pub domain_suffix: String,
 }
@@ -149,7 +150,7 @@ impl Default for Dns {
             upstream_timeout: Duration::from_secs(5),
             pending_per_pod: 100,
             pending: 2000,
-            fallback_resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            own_resolv_conf: PathBuf::from("/etc/resolv.conf"),
             domain_suffix: "cluster.local".into(),
         }
     }

@@ -145,6 +145,7 @@ fn ca_serve(args: CaServeArgs) -> anyhow::Result<()> {
         let client = weft::k8s::client(&KubeSettings {
             kubeconfig: args.kubeconfig.clone(),
             domain_suffix: String::new(),
+            auto_allocate_vips: true,
         })
         .await
         .context("connecting to the Kubernetes API")?;
@@ -179,6 +180,12 @@ struct RunArgs {
     /// Watch the Kubernetes API through this kubeconfig (implies --kubernetes).
     #[arg(long, env = "WEFT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// In the Kubernetes-direct mode, give ServiceEntries that have no addresses (and none
+    /// from istiod) addresses from 240.240.0.0/16 and 2001:2::/48, as istiod's
+    /// PILOT_ENABLE_IP_AUTOALLOCATE does; one opts out with the label
+    /// networking.istio.io/enable-autoallocate-ip: "false".
+    #[arg(long, env = "WEFT_SERVICE_ENTRY_AUTO_ALLOCATE", default_value_t = true, action = clap::ArgAction::Set)]
+    service_entry_auto_allocate: bool,
     /// istiod's xDS address (`host:port` or `https://host:port`): configuration comes from istiod.
     #[arg(long, env = "WEFT_XDS_ADDRESS")]
     xds_address: Option<String>,
@@ -306,6 +313,10 @@ struct DnsArgs {
     /// Forwarded DNS queries in flight in total.
     #[arg(long, env = "WEFT_DNS_MAX_PENDING", default_value_t = Dns::default().pending)]
     dns_max_pending: usize,
+    /// weft's own resolvers: for endpoints known only by a hostname (ServiceEntries with
+    /// `resolution: DNS`) and for pods whose resolv.conf cannot be found.
+    #[arg(long, env = "WEFT_DNS_RESOLV_CONF", default_value_os_t = Dns::default().own_resolv_conf)]
+    dns_resolv_conf: PathBuf,
 }
 
 /// The limits of `weft::config::Limits`, one flag each (defaults from there).
@@ -379,6 +390,7 @@ impl RunArgs {
     fn sources(&self) -> anyhow::Result<Sources> {
         let kubernetes = (self.kubernetes || self.kubeconfig.is_some()).then(|| KubeSettings {
             kubeconfig: self.kubeconfig.clone(),
+            auto_allocate_vips: self.service_entry_auto_allocate,
             domain_suffix: self.domain_suffix.clone(),
         });
         let xds = self.xds_address.as_ref().map(|address| XdsSettings {
@@ -481,8 +493,8 @@ impl RunArgs {
                 upstream_timeout: Duration::from_millis(self.dns.dns_upstream_timeout_ms),
                 pending_per_pod: self.dns.dns_max_pending_per_pod,
                 pending: self.dns.dns_max_pending,
+                own_resolv_conf: self.dns.dns_resolv_conf.clone(),
                 domain_suffix: self.domain_suffix.clone(),
-                ..Dns::default()
             },
             ..Settings::default()
         };

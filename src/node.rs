@@ -14,6 +14,7 @@ use crate::admin::{self, AdminState, Endpoints, LogControl, Readiness};
 use crate::capture::enroll::Enroller;
 use crate::cni::server::CniServer;
 use crate::config::Settings;
+use crate::dns::lookup::HostResolver;
 use crate::hbone::pool::Pool;
 use crate::hbone::tls::{self, TlsContext};
 use crate::identity::{CertManager, CertificateAuthority, CertificateSigner};
@@ -113,6 +114,7 @@ impl Node {
                 cluster_id: settings.cluster_id.clone(),
                 domain_suffix: kube.domain_suffix.clone(),
                 root_namespace: settings.root_namespace.clone(),
+                auto_allocate_vips: kube.auto_allocate_vips,
             };
             tasks.extend(k8s::start(
                 client,
@@ -141,6 +143,12 @@ impl Node {
         tasks.push(tokio::spawn(certs.clone().run_renewals()));
         tasks.push(tokio::spawn(crate::allocator::release_free_memory()));
         let limits = Arc::new(LimitReports::new(metrics.clone()));
+        let hosts = {
+            let path = settings.dns.own_resolv_conf.clone();
+            tokio::task::spawn_blocking(move || HostResolver::from_resolv_conf(&path))
+                .await
+                .context("reading weft's own resolv.conf")?
+        };
         let ctx = Arc::new(ProxyContext {
             settings: settings.clone(),
             state: state.clone(),
@@ -151,6 +159,7 @@ impl Node {
             connections: ConnectionCaps::new(&settings.limits, limits.clone(), metrics.clone()),
             connects: ConnectBudget::process(&settings.limits),
             dns_pending: Arc::new(tokio::sync::Semaphore::new(settings.dns.pending)),
+            hosts: Arc::new(hosts),
             limits,
             drain: Drain::default(),
         });

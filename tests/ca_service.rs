@@ -89,6 +89,7 @@ impl Setup {
         let client = weft::k8s::client(&weft::k8s::KubeSettings {
             kubeconfig: Some(self.api.kubeconfig()),
             domain_suffix: String::new(),
+            auto_allocate_vips: true,
         })
         .await
         .unwrap();

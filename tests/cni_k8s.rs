@@ -81,6 +81,7 @@ async fn admission_at_add_reads_the_namespace_and_pod_from_the_api() {
             kubernetes: Some(KubeSettings {
                 kubeconfig: Some(api.kubeconfig()),
                 domain_suffix: "cluster.local".into(),
+                auto_allocate_vips: true,
             }),
             cni: Some(cni_settings.clone()),
             ..Sources::default()

@@ -45,6 +45,7 @@ impl MeshCa {
         let client = weft::k8s::client(&KubeSettings {
             kubeconfig: Some(api.kubeconfig()),
             domain_suffix: String::new(),
+            auto_allocate_vips: true,
         })
         .await
         .unwrap();
@@ -123,6 +124,7 @@ async fn start_k8s_node(
             config_file: None,
             kubernetes: Some(KubeSettings {
                 kubeconfig: Some(kubeconfig.to_owned()),
+                auto_allocate_vips: true,
                 domain_suffix: "cluster.local".into(),
             }),
             ..Sources::default()
@@ -303,6 +305,7 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     let mut lab = Lab::up(&["a1"]);
     lab.hold(&["a1", "a2", "b1", "b2"]);
     let client = weft::k8s::client(&KubeSettings {
+        auto_allocate_vips: true,
         kubeconfig: Some(api.kubeconfig()),
         domain_suffix: "cluster.local".into(),
     })

@@ -1193,6 +1193,7 @@ proptest! {
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            auto_allocate_vips: true,
         };
         let out = translate(&view, &facts, |_| false, |_| None);
         let expected: Vec<_> = pods.iter().enumerate().filter(|(_, p)| !p.1.is_empty()).collect();

@@ -268,6 +268,7 @@ async fn peer_authentication_decides_alike_under_istiod_and_from_kubernetes() {
     let client = weft::k8s::client(&KubeSettings {
         kubeconfig: Some(api.kubeconfig()),
         domain_suffix: "cluster.local".into(),
+        auto_allocate_vips: true,
     })
     .await
     .expect("client");
@@ -278,6 +279,7 @@ async fn peer_authentication_decides_alike_under_istiod_and_from_kubernetes() {
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            auto_allocate_vips: true,
         },
         "node-a".into(),
         from_kubernetes.clone(),

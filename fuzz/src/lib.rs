@@ -151,6 +151,7 @@ pub fn k8s_translate(data: &[u8]) {
         cluster_id: CLUSTER_ID.into(),
         domain_suffix: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        auto_allocate_vips: true,
     };
     // Every pod "on this node", with a namespace path that is never opened here.
     let out = translate(

@@ -70,10 +70,10 @@ pub fn lookup(snap: &Snapshot, asker: &Asker<'_>, query: &Message) -> Lookup {
         ));
         owner = stripped;
     }
-    for vip in &service.vips {
-        let rdata = match (q.query_type(), vip) {
-            (RecordType::A, IpAddr::V4(v4)) => RData::A(A(*v4)),
-            (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(*v6)),
+    for ip in addresses(snap, &service, q.query_type()) {
+        let rdata = match (q.query_type(), ip) {
+            (RecordType::A, IpAddr::V4(v4)) => RData::A(A(v4)),
+            (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(v6)),
             _ => continue,
         };
         answers.push(Record::from_rdata(owner.clone(), TTL_SECONDS, rdata));
@@ -81,6 +81,18 @@ pub fn lookup(snap: &Snapshot, asker: &Asker<'_>, query: &Message) -> Lookup {
     // A name weft knows with no address of the asked family: NOERROR with no records, never
     // NXDOMAIN (the name exists).
     Lookup::Answer(response(query, ResponseCode::NoError, answers))
+}
+
+/// What a service's name resolves to: its VIPs; for a headless one, the addresses of its
+/// healthy endpoints (one per workload, of the asked family), as the cluster's DNS gives them.
+fn addresses(snap: &Snapshot, service: &Service, asked: RecordType) -> Vec<IpAddr> {
+    if !service.vips.is_empty() {
+        return service.vips.clone();
+    }
+    let family = |ip: &&IpAddr| ip.is_ipv4() == (asked == RecordType::A);
+    snap.healthy_endpoints(&service.key())
+        .filter_map(|ep| ep.workload.workload_ips.iter().find(family).copied())
+        .collect()
 }
 
 /// A response to `query`: its id, opcode, question and recursion-desired bit, authoritative,
@@ -129,7 +141,7 @@ fn find_service(
 ) -> Option<(Arc<Service>, Option<Name>)> {
     for (candidate, via) in candidates(asker, asked) {
         for host in wildcards(&candidate) {
-            if let Some(s) = best_service(snap, asker.namespace, &host) {
+            if let Some(s) = best_service(snap, asker, &host) {
                 // A wildcard host answers under the asked name itself.
                 let via = via.clone().filter(|_| host == hostname(&candidate));
                 return Some((s, via));
@@ -220,14 +232,22 @@ fn hostname(name: &Name) -> String {
 }
 
 /// The service with `host` that has an address, preferring the asker's own namespace.
-fn best_service(snap: &Snapshot, namespace: &str, host: &str) -> Option<Arc<Service>> {
+///
+/// A service without a VIP is answered only when it is a Kubernetes headless service (its
+/// host is under `svc.<cluster domain>`) with healthy endpoints: with their addresses. Any
+/// other (a ServiceEntry with nothing allocated, a headless service with no ready pod) is the
+/// real DNS's to answer, and is forwarded.
+fn best_service(snap: &Snapshot, asker: &Asker<'_>, host: &str) -> Option<Arc<Service>> {
     let mut first = None;
+    let svc_suffix = format!(".{}", hostname(asker.svc_domain));
     for s in snap.services_by_hostname(host) {
-        // A service without a VIP (headless) is answered by the cluster's DNS: forward.
-        if s.vips.is_empty() {
+        if s.vips.is_empty()
+            && !(s.hostname.ends_with(&svc_suffix)
+                && snap.healthy_endpoints(&s.key()).next().is_some())
+        {
             continue;
         }
-        if s.namespace == namespace {
+        if s.namespace == asker.namespace {
             return Some(s.clone());
         }
         first.get_or_insert_with(|| s.clone());

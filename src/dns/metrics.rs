@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::state::Workload;
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum DnsProtocol {
@@ -22,6 +24,20 @@ pub struct DnsLabels {
     pub request_protocol: DnsProtocol,
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
+}
+
+/// A lookup of an endpoint's hostname: who connected, and the name (ztunnel's labels).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OnDemandLabels {
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub hostname: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +63,8 @@ pub struct DnsMetrics {
     pub upstream_duration: Family<DnsLabels, Histogram, fn() -> Histogram>,
     /// Packets dropped because they were not a DNS query.
     pub malformed: Family<MalformedLabels, Counter>,
+    /// Lookups of endpoints known only by a hostname, made when a connection picked one.
+    pub on_demand: Family<OnDemandLabels, Counter>,
 }
 
 impl Default for DnsMetrics {
@@ -57,11 +75,29 @@ impl Default for DnsMetrics {
             upstream_failures: Family::default(),
             upstream_duration: Family::new_with_constructor(duration_histogram),
             malformed: Family::default(),
+            on_demand: Family::default(),
         }
     }
 }
 
 impl DnsMetrics {
+    pub fn on_demand_lookup(&self, source: &Workload, hostname: &str) {
+        let name = source.workload_name_or_name();
+        self.on_demand
+            .get_or_create(&OnDemandLabels {
+                source_workload: name.to_string(),
+                source_canonical_service: source.app().to_string(),
+                source_canonical_revision: source.canonical_revision.clone(),
+                source_workload_namespace: source.namespace.clone(),
+                source_principal: source.identity().to_string(),
+                source_app: source.app().to_string(),
+                source_version: source.canonical_revision.clone(),
+                source_cluster: source.cluster_id.clone(),
+                hostname: hostname.to_string(),
+            })
+            .inc();
+    }
+
     /// Registers Istio's families (the registry prefixed `istio`).
     pub fn register_istio(&self, istio: &mut Registry) {
         istio.register(
@@ -84,6 +120,11 @@ impl DnsMetrics {
             "Time to the upstream resolver's answer",
             Unit::Seconds,
             self.upstream_duration.clone(),
+        );
+        istio.register(
+            "on_demand_dns",
+            "Lookups of endpoints known only by a hostname, made when a connection picked one",
+            self.on_demand.clone(),
         );
     }
 

@@ -9,11 +9,14 @@
 //! - [`server`]: the sockets, forwarding everything else to the pod's resolvers from inside
 //!   its namespace, and the bounds.
 //! - [`metrics`]: Istio's `istio_dns_*` families.
+//! - [`lookup`]: weft's own lookups, of endpoints known only by a hostname (ServiceEntries
+//!   with `resolution: DNS`), made when a connection is routed to one.
 //!
 //! On by default, as in Istio; off per node (`--dns-capture false`, or ztunnel's
 //! `ISTIO_META_DNS_CAPTURE=false`) or per pod (`ambient.istio.io/dns-capture: "false"`).
 
 pub mod answer;
+pub mod lookup;
 pub mod metrics;
 pub mod resolv;
 pub mod server;

@@ -168,10 +168,7 @@ impl PodResolver {
         if let Some(c) = fresh() {
             return c;
         }
-        let (netns, fallback) = (
-            self.netns,
-            self.ctx.settings.dns.fallback_resolv_conf.clone(),
-        );
+        let (netns, fallback) = (self.netns, self.ctx.settings.dns.own_resolv_conf.clone());
         let read = tokio::task::spawn_blocking(move || resolv::read_for_pod(netns, &fallback))
             .await
             .unwrap_or_else(|e| {

@@ -65,6 +65,9 @@ pub struct KubeSettings {
     pub kubeconfig: Option<PathBuf>,
     /// DNS suffix of service hostnames.
     pub domain_suffix: String,
+    /// Give ServiceEntries without addresses (and none allocated by istiod) addresses of
+    /// weft's own, as istiod's `PILOT_ENABLE_IP_AUTOALLOCATE` does (on by default there too).
+    pub auto_allocate_vips: bool,
 }
 
 pub async fn client(settings: &KubeSettings) -> Result<Client, KubeError> {

@@ -6,10 +6,14 @@
 //!   `networking.istio.io/tunnel: http`), plain TCP otherwise. Never captured by a weft: nothing
 //!   of it runs in a pod here.
 //! - A ServiceEntry is one service per host, in its namespace: VIPs from `spec.addresses`, else
-//!   the addresses allocated in `status.addresses` (Istio's auto-allocation), ports with their
-//!   target ports (the port number when unset). Its endpoints are the pods and WorkloadEntries
-//!   of its namespace that its `workloadSelector` selects, or its inline `endpoints` (each a
-//!   workload of its own).
+//!   the addresses allocated in `status.addresses` (istiod's auto-allocation), else ones weft
+//!   allocates itself (see [`allocate`]); ports with their target ports (the port number when
+//!   unset). Its endpoints are the pods and WorkloadEntries of its namespace that its
+//!   `workloadSelector` selects, or its inline `endpoints` (each a workload of its own), or,
+//!   with `resolution: DNS` and neither, the host itself: an endpoint known by name, looked
+//!   up when a connection picks it. `resolution: NONE` makes the service a passthrough one
+//!   (connections go to the address dialled). `location` changes nothing at L4: istiod sends
+//!   ztunnel nothing for it either.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -22,8 +26,42 @@ use serde::Deserialize;
 use super::translate::{ClusterFacts, RejectedPolicy};
 use crate::state::{HealthStatus, Protocol, Service, SourceData, Workload};
 
+mod allocate;
+
 const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+/// A ServiceEntry labelled with it `"false"` gets no allocated addresses (Istio's opt-out).
+const AUTOALLOCATE_LABEL: &str = "networking.istio.io/enable-autoallocate-ip";
+
+/// How a ServiceEntry's endpoints are found. Istio's default is NONE.
+#[derive(Deserialize, Default, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum Resolution {
+    #[default]
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+    DynamicDns,
+}
+
+impl Resolution {
+    fn by_dns(self) -> bool {
+        matches!(
+            self,
+            Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns
+        )
+    }
+}
+
+/// Validated only: at L4 the location changes nothing.
+#[derive(Deserialize, Default, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum Location {
+    #[default]
+    MeshExternal,
+    MeshInternal,
+}
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
@@ -44,6 +82,9 @@ struct ServiceEntrySpec {
     endpoints: Vec<WorkloadEntrySpec>,
     workload_selector: Option<Selector>,
     subject_alt_names: Vec<String>,
+    resolution: Resolution,
+    #[serde(rename = "location")]
+    _location: Location,
 }
 
 #[derive(Deserialize, Default)]
@@ -234,6 +275,8 @@ pub fn translate(
         ));
     }
 
+    // Services (indexes into `data.services`) that get addresses from weft's allocator.
+    let mut to_allocate = Vec::new();
     for obj in service_entries {
         let Some(se) = parse::<ServiceEntrySpec>(obj, "ServiceEntry", rejected) else {
             continue;
@@ -277,9 +320,18 @@ pub fn translate(
             .and_then(|s| SeStatus::deserialize(s).ok())
             .map(|s| s.addresses)
             .unwrap_or_default();
+        let resolution = se.spec.resolution;
+        // Istio's rule for allocating: not for NONE, not when the user gave addresses, not
+        // when opted out by label; per host, not for a wildcard (unless DYNAMIC_DNS).
+        let may_allocate = facts.auto_allocate_vips
+            && resolution != Resolution::None
+            && se.spec.addresses.is_empty()
+            && !label_map(se.obj)
+                .get(AUTOALLOCATE_LABEL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("false"));
 
-        // Endpoints: (workload uid, its own port map).
-        let mut endpoints: Vec<(String, BTreeMap<u16, u16>)> = Vec::new();
+        // Endpoints: (workload uid, its own port map, the only host it serves if not all).
+        let mut endpoints: Vec<(String, BTreeMap<u16, u16>, Option<String>)> = Vec::new();
         if let Some(selector) = &se.spec.workload_selector {
             let selects = |labels: &BTreeMap<String, String>| {
                 selector
@@ -289,25 +341,46 @@ pub fn translate(
             };
             for (pod, uid) in pods_by_ns.get(se.namespace.as_str()).into_iter().flatten() {
                 if selects(pod.metadata.labels.as_ref().unwrap_or(&BTreeMap::new())) {
-                    endpoints.push((uid.clone(), BTreeMap::new()));
+                    endpoints.push((uid.clone(), BTreeMap::new(), None));
                 }
             }
             for we in wes_by_ns.get(&se.namespace).into_iter().flatten() {
                 if selects(&we.labels) {
-                    endpoints.push((we.uid.clone(), named_ports(&port_names, &we.ports)));
+                    endpoints.push((we.uid.clone(), named_ports(&port_names, &we.ports), None));
                 }
             }
         } else {
             let labels = label_map(se.obj);
             let protocol = tunnel(&labels, se.obj);
-            for ep in &se.spec.endpoints {
+            // With DNS resolution and no endpoints, each host is its own endpoint, by name.
+            let implicit: Vec<WorkloadEntrySpec>;
+            let (inline, one_host_each) = if se.spec.endpoints.is_empty() && resolution.by_dns() {
+                implicit = se
+                    .spec
+                    .hosts
+                    .iter()
+                    .filter(|h| !h.starts_with('*'))
+                    .map(|h| WorkloadEntrySpec {
+                        address: h.to_lowercase(),
+                        ..WorkloadEntrySpec::default()
+                    })
+                    .collect();
+                (&implicit, true)
+            } else {
+                (&se.spec.endpoints, false)
+            };
+            for ep in inline {
                 let uid = format!(
                     "{}/networking.istio.io/ServiceEntry/{}/{}/{}",
                     facts.cluster_id, se.namespace, se.name, ep.address
                 );
                 let mut labels = labels.clone();
                 labels.extend(ep.labels.clone());
-                endpoints.push((uid.clone(), named_ports(&port_names, &ep.ports)));
+                endpoints.push((
+                    uid.clone(),
+                    named_ports(&port_names, &ep.ports),
+                    one_host_each.then(|| ep.address.clone()),
+                ));
                 data.workloads.push(entry_workload(
                     uid,
                     &se.name,
@@ -321,10 +394,11 @@ pub fn translate(
         }
 
         for host in &se.spec.hosts {
-            let vips = if spec_vips.is_empty() {
+            let host = host.to_lowercase();
+            let vips: Vec<IpAddr> = if spec_vips.is_empty() {
                 allocated
                     .iter()
-                    .filter(|a| a.host == *host)
+                    .filter(|a| a.host.eq_ignore_ascii_case(&host))
                     .filter_map(|a| a.value.parse().ok())
                     .collect()
             } else {
@@ -333,18 +407,26 @@ pub fn translate(
             let service = Service {
                 name: se.name.clone(),
                 namespace: se.namespace.clone(),
-                hostname: host.to_lowercase(),
+                hostname: host.clone(),
                 vips,
                 ports: ports.clone(),
                 subject_alt_names: se.spec.subject_alt_names.clone(),
                 waypoint: None,
+                passthrough: resolution == Resolution::None,
             };
-            for (uid, p) in &endpoints {
-                data.endpoints.push((service.key(), uid.clone(), p.clone()));
+            let wildcard = host.starts_with('*') && resolution != Resolution::DynamicDns;
+            if service.vips.is_empty() && may_allocate && !wildcard {
+                to_allocate.push(data.services.len());
+            }
+            for (uid, p, only) in &endpoints {
+                if only.as_ref().is_none_or(|h| *h == host) {
+                    data.endpoints.push((service.key(), uid.clone(), p.clone()));
+                }
             }
             data.services.push(service);
         }
     }
+    allocate::assign(&mut data.services, &to_allocate);
 }
 
 /// A ServiceEntry port → the endpoint's own port of the same name (WorkloadEntry `ports`).

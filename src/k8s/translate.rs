@@ -36,6 +36,8 @@ pub struct ClusterFacts {
     pub domain_suffix: String,
     /// Istio's root namespace: where mesh-wide PeerAuthentication lives.
     pub root_namespace: String,
+    /// Allocate addresses to ServiceEntries that have none (`KubeSettings`).
+    pub auto_allocate_vips: bool,
 }
 
 /// Everything the watches hold at one moment.
@@ -387,6 +389,7 @@ fn service_of(svc: &K8sService, facts: &ClusterFacts) -> Option<Service> {
         vips,
         ports,
         subject_alt_names: Vec::new(),
+        passthrough: false,
         waypoint: None,
     })
 }
@@ -524,6 +527,7 @@ mod tests {
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            auto_allocate_vips: true,
         }
     }
 

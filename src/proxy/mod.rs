@@ -40,5 +40,7 @@ pub struct ProxyContext {
     pub connects: Arc<tokio::sync::Semaphore>,
     /// The process-wide budget of forwarded DNS queries in flight.
     pub dns_pending: Arc<tokio::sync::Semaphore>,
+    /// weft's own resolvers, for endpoints known only by a hostname.
+    pub hosts: Arc<crate::dns::lookup::HostResolver>,
     pub drain: drain::Drain,
 }

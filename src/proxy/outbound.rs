@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::limits::ConnectBudget;
 use super::relay::{self, TcpSide};
-use super::route::{decide, Route, Transport};
+use super::route::{decide, Decision, Route, RouteError, Transport, Unresolved};
 use super::socket::{self, SocketFactory};
 use super::ProxyContext;
 use crate::hbone::client::{self, open_stream};
@@ -105,8 +105,13 @@ impl Outbound {
             Some(w) => w.clone(),
             None => self.stand_in(client_addr),
         };
-        let route = decide(&snap, original_dst, &self.ctx.settings.ports);
+        let decision = decide(&snap, original_dst, &self.ctx.settings.ports);
         drop(snap);
+        let route = match decision {
+            Ok(Decision::Ready(route)) => Ok(route),
+            Ok(Decision::Resolve(pending)) => self.resolve(&source, pending).await,
+            Err(e) => Err(e),
+        };
         let src_identity = source.identity();
         let (mtls, dst_identity) = match &route {
             Ok(Route {
@@ -197,6 +202,21 @@ impl Outbound {
             upstream,
             guard,
         })
+    }
+
+    /// The route to an endpoint known only by its hostname, once weft's own resolvers have
+    /// answered (within the connect timeout).
+    async fn resolve(&self, source: &Workload, pending: Unresolved) -> Result<Route, RouteError> {
+        self.ctx
+            .metrics
+            .dns
+            .on_demand_lookup(source, &pending.hostname);
+        let lookup = self.ctx.hosts.lookup(&pending.hostname, pending.prefer_v4);
+        match tokio::time::timeout(self.budget.timeout, lookup).await {
+            Ok(Ok(ip)) => pending.at(ip, &self.ctx.settings.ports),
+            Ok(Err(why)) => Err(pending.failed(why)),
+            Err(_) => Err(pending.failed(format!("no answer within {:?}", self.budget.timeout))),
+        }
     }
 
     /// A CONNECT stream to `tunnel`, on a pooled connection. A pooled connection that fails at

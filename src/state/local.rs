@@ -306,6 +306,7 @@ fn parse_config(
             vips,
             ports: s.ports,
             subject_alt_names: s.subject_alt_names,
+            passthrough: false,
             waypoint: None,
         });
     }

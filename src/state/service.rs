@@ -53,6 +53,9 @@ pub struct Service {
     pub subject_alt_names: Vec<String>,
     /// The waypoint traffic to this service must pass through (not routed through yet).
     pub waypoint: Option<GatewayAddress>,
+    /// A connection to a VIP goes to the address the client dialled, not to an endpoint (the
+    /// control plane's PASSTHROUGH load balancing: a ServiceEntry with `resolution: NONE`).
+    pub passthrough: bool,
 }
 
 impl Service {

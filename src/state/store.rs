@@ -447,6 +447,7 @@ mod tests {
             vips: vec![vip.parse().unwrap()],
             ports: BTreeMap::from([(80, 8080)]),
             subject_alt_names: vec![],
+            passthrough: false,
             waypoint: None,
         }
     }

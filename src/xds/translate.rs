@@ -207,6 +207,10 @@ fn service(s: pb::Service) -> Result<Service, TranslateError> {
         hostname: s.hostname,
         vips,
         subject_alt_names: s.subject_alt_names,
+        passthrough: s
+            .load_balancing
+            .as_ref()
+            .is_some_and(|lb| lb.mode == pb::load_balancing::Mode::Passthrough as i32),
     })
 }
 
@@ -334,5 +338,22 @@ mod tests {
         );
         assert_eq!(s.ports, BTreeMap::from([(80, 0)]));
         assert_eq!(s.subject_alt_names.len(), 1);
+        assert!(!s.passthrough);
+    }
+
+    #[test]
+    fn passthrough_load_balancing_marks_the_service() {
+        let s = service(pb::Service {
+            name: "legacy".into(),
+            namespace: "shop".into(),
+            hostname: "legacy.example.com".into(),
+            load_balancing: Some(pb::LoadBalancing {
+                mode: pb::load_balancing::Mode::Passthrough as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert!(s.passthrough);
     }
 }

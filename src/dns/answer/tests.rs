@@ -20,6 +20,7 @@ fn service(ns: &str, host: &str, vips: &[&str]) -> Service {
         vips: vips.iter().map(|v| v.parse().expect("test VIP")).collect(),
         ports: BTreeMap::from([(80, 8080)]),
         subject_alt_names: Vec::new(),
+        passthrough: false,
         waypoint: None,
     }
 }
@@ -208,6 +209,65 @@ fn everything_else_is_forwarded() {
     let mut two = query("backend.shop.svc.cluster.local.", RecordType::A);
     two.add_query(Query::query(name("db.example.internal."), RecordType::A));
     assert!(matches!(ask(&snap, &two), Lookup::Forward));
+}
+
+#[test]
+fn a_headless_service_is_answered_with_its_healthy_endpoints() {
+    use crate::state::{HealthStatus, Workload};
+    let pod = |uid: &str, ips: &[&str], status| Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "shop".into(),
+        workload_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+        status,
+        ..Workload::default()
+    };
+    let headless = service("shop", "headless.shop.svc.cluster.local", &[]);
+    // A ServiceEntry host with no address is not a headless service: the real DNS answers it.
+    let unallocated = service("shop", "ext.example.com", &[]);
+    let store = StateStore::new("istio-system");
+    let endpoint = |uid: &str, s: &Service| (s.key(), uid.to_string(), BTreeMap::new());
+    store.replace_source(
+        "test",
+        SourceData {
+            endpoints: vec![
+                endpoint("p1", &headless),
+                endpoint("p2", &headless),
+                endpoint("sick", &headless),
+                endpoint("p1", &unallocated),
+            ],
+            workloads: vec![
+                pod("p1", &["10.250.1.2", "fd00:250::2"], HealthStatus::Healthy),
+                pod("p2", &["10.250.1.3"], HealthStatus::Healthy),
+                pod("sick", &["10.250.1.4"], HealthStatus::Unhealthy),
+            ],
+            services: vec![headless, unallocated],
+            ..SourceData::default()
+        },
+    );
+    let snap = store.snapshot();
+    let a = answered(ask(
+        &snap,
+        &query("headless.shop.svc.cluster.local.", RecordType::A),
+    ));
+    let mut got: Vec<String> = records(&a).into_iter().map(|(_, v)| v).collect();
+    got.sort();
+    assert_eq!(got, vec!["10.250.1.2", "10.250.1.3"]);
+    let aaaa = answered(ask(
+        &snap,
+        &query("headless.shop.svc.cluster.local.", RecordType::AAAA),
+    ));
+    assert_eq!(
+        records(&aaaa),
+        vec![(
+            "headless.shop.svc.cluster.local.".into(),
+            "fd00:250::2".into()
+        )]
+    );
+    assert!(matches!(
+        ask(&snap, &query("ext.example.com.", RecordType::A)),
+        Lookup::Forward
+    ));
 }
 
 #[test]

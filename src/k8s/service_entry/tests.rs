@@ -11,6 +11,7 @@ fn facts() -> ClusterFacts {
         cluster_id: "Kubernetes".into(),
         domain_suffix: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        auto_allocate_vips: true,
     }
 }
 
@@ -200,4 +201,158 @@ fn a_malformed_entry_is_refused_by_name_and_the_others_stay() {
     );
     // The last, good one is there (the bad port alone was dropped from the other).
     assert!(data.services.iter().any(|s| s.ports.contains_key(&5432)));
+}
+
+#[test]
+fn dns_resolution_without_endpoints_makes_each_host_its_own_endpoint_by_name() {
+    let se = db_entry(json!({
+        "hosts": ["db.example.internal", "cache.example.internal", "*.wild.example"],
+        "resolution": "DNS",
+    }));
+    let (data, rejected) = run(vec![se], vec![], &[]);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let named: Vec<(&str, &str, bool)> = data
+        .workloads
+        .iter()
+        .map(|w| {
+            (
+                w.uid.as_str(),
+                w.hostname.as_str(),
+                w.workload_ips.is_empty(),
+            )
+        })
+        .collect();
+    // A wildcard has no name to look up.
+    assert_eq!(
+        named,
+        [
+            (
+                "Kubernetes/networking.istio.io/ServiceEntry/shop/db/db.example.internal",
+                "db.example.internal",
+                true
+            ),
+            (
+                "Kubernetes/networking.istio.io/ServiceEntry/shop/db/cache.example.internal",
+                "cache.example.internal",
+                true
+            ),
+        ]
+    );
+    // Each host's service has only its own name as endpoint.
+    let eps: Vec<(&str, &str)> = data
+        .endpoints
+        .iter()
+        .map(|(k, uid, _)| (k.hostname.as_str(), uid.rsplit('/').next().unwrap()))
+        .collect();
+    assert_eq!(
+        eps,
+        [
+            ("db.example.internal", "db.example.internal"),
+            ("cache.example.internal", "cache.example.internal")
+        ]
+    );
+    // Hosts got addresses from weft's allocator (not the wildcard); none is passthrough.
+    for s in &data.services {
+        let want = if s.hostname.starts_with('*') { 0 } else { 2 };
+        assert_eq!(s.vips.len(), want, "{}", s.hostname);
+        assert!(!s.passthrough);
+    }
+    let v4 = |s: &Service| s.vips.iter().find(|v| v.is_ipv4()).copied();
+    assert_ne!(v4(&data.services[0]), v4(&data.services[1]));
+}
+
+#[test]
+fn allocation_yields_to_the_user_and_to_istiod_and_can_be_refused() {
+    let named = |name: &str, extra: serde_json::Value, labels: serde_json::Value| {
+        let mut spec = json!({"hosts": [format!("{name}.example.internal")], "resolution": "DNS",
+            "ports": [{"number": 80, "name": "http"}]});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        obj(
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": name, "namespace": "shop", "labels": labels}, "spec": spec}),
+        )
+    };
+    let mut by_istiod = named("istiod", json!({}), json!({}));
+    Arc::get_mut(&mut by_istiod).unwrap().data["status"] = json!({"addresses": [
+        {"host": "istiod.example.internal", "value": "240.240.9.9"}]});
+    let (data, rejected) = run(
+        vec![
+            named("user", json!({"addresses": ["10.96.5.5"]}), json!({})),
+            by_istiod,
+            named(
+                "optout",
+                json!({}),
+                json!({"networking.istio.io/enable-autoallocate-ip": "False"}),
+            ),
+            named("none", json!({"resolution": "NONE"}), json!({})),
+        ],
+        vec![],
+        &[],
+    );
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let vips: BTreeMap<&str, Vec<String>> = data
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.vips.iter().map(|v| v.to_string()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(vips["user"], ["10.96.5.5"]);
+    assert_eq!(vips["istiod"], ["240.240.9.9"]);
+    assert!(vips["optout"].is_empty());
+    assert!(vips["none"].is_empty());
+
+    // Switched off for the node: nothing allocated.
+    let mut facts = facts();
+    facts.auto_allocate_vips = false;
+    let (mut off, mut rejected) = (SourceData::default(), Vec::new());
+    translate(
+        &[named("plain", json!({}), json!({}))],
+        &[],
+        &HashMap::new(),
+        &facts,
+        &mut off,
+        &mut rejected,
+    );
+    assert!(off.services[0].vips.is_empty());
+}
+
+#[test]
+fn resolution_none_is_passthrough_and_unknown_enums_are_refused() {
+    let (data, rejected) = run(
+        vec![db_entry(
+            json!({"resolution": "NONE", "addresses": ["10.250.2.3"]}),
+        )],
+        vec![],
+        &[],
+    );
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert!(data.services[0].passthrough);
+    assert_eq!(
+        data.services[0].vips,
+        ["10.250.2.3".parse::<IpAddr>().unwrap()]
+    );
+    assert!(data.endpoints.is_empty());
+
+    let (data, rejected) = run(
+        vec![
+            db_entry(json!({"resolution": "SOMETIMES"})),
+            db_entry(json!({"location": "MESH_ELSEWHERE"})),
+        ],
+        vec![],
+        &[],
+    );
+    assert!(data.services.is_empty());
+    assert_eq!(rejected.len(), 2);
+    assert!(rejected[0].error.contains("SOMETIMES"), "{:?}", rejected[0]);
+    assert!(
+        rejected[1].error.contains("MESH_ELSEWHERE"),
+        "{:?}",
+        rejected[1]
+    );
 }
