@@ -109,13 +109,19 @@ impl MeshCa {
     }
 }
 
+/// weft's own resolver in this test (see `NodeResolver`): loopback, so it is reachable from
+/// the test's namespace, where the in-process wefts make their own lookups.
+const NODE_RESOLVER: &str = "127.0.250.53";
+
 async fn start_k8s_node(
     node: &str,
     kubeconfig: &Path,
     signer: std::sync::Arc<dyn weft::identity::CertificateSigner>,
+    resolv_conf: &Path,
 ) -> Node {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut settings = settings(node);
+    settings.dns.own_resolv_conf = resolv_conf.to_owned();
     // No CA key anywhere a node can read: the built-in CA's directory does not exist.
     settings.ca_dir = "/nonexistent/weft-ca".into();
     let node = Node::start(
@@ -386,8 +392,23 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
             .all(|f| f.file_name() == "root-cert.pem"),
         "nodes see the root only"
     );
-    let a = start_k8s_node("a", &weft_kubeconfig, mesh_ca.signer(&api, "weft-a")).await;
-    let b = start_k8s_node("b", &weft_kubeconfig, mesh_ca.signer(&api, "weft-b")).await;
+    let resolv_dir = tempfile::tempdir().unwrap();
+    let resolv_conf = resolv_dir.path().join("resolv.conf");
+    std::fs::write(&resolv_conf, format!("nameserver {NODE_RESOLVER}\n")).unwrap();
+    let a = start_k8s_node(
+        "a",
+        &weft_kubeconfig,
+        mesh_ca.signer(&api, "weft-a"),
+        &resolv_conf,
+    )
+    .await;
+    let b = start_k8s_node(
+        "b",
+        &weft_kubeconfig,
+        mesh_ca.signer(&api, "weft-b"),
+        &resolv_conf,
+    )
+    .await;
     let b1 = lab.serve("b1", 8080);
     let b2 = lab.serve("b2", 8080);
 
@@ -656,6 +677,122 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         .delete("vm-b2", &DeleteParams::default())
         .await
         .expect("delete WorkloadEntry");
+
+    // A ServiceEntry resolved by DNS, with no address and no endpoint: weft allocates its
+    // host a VIP (a1's DNS proxy answers it) and, when a connection comes, looks the host up
+    // with its own resolver (here: b2's address) and connects there in plain TCP.
+    let node_resolver = common::dns::NodeResolver::start(
+        &format!("{NODE_RESOLVER}:53"),
+        &[("pg.external.test.", "10.250.2.3".parse().unwrap())],
+    );
+    create(
+        &service_entries(&client),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "pg"},
+            "spec": {"hosts": ["pg.external.test"], "resolution": "DNS",
+                "ports": [{"number": 5432, "name": "tcp", "targetPort": 8080}]}}),
+    )
+    .await;
+    // A ServiceEntry with resolution NONE over b2's own address: connections to it pass
+    // through to that address (it has no endpoints, and needs none).
+    create(
+        &service_entries(&client),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "legacy"},
+            "spec": {"hosts": ["legacy.example.internal"], "addresses": ["10.250.2.3"],
+                "resolution": "NONE", "ports": [{"number": 8080, "name": "tcp"}]}}),
+    )
+    .await;
+    eventually("node a holds both entries", || {
+        let snap = a.ctx.state.snapshot();
+        let pg = snap
+            .services_by_hostname("pg.external.test")
+            .any(|s| !s.vips.is_empty() && snap.healthy_endpoints(&s.key()).count() == 1);
+        pg && snap
+            .services_by_hostname("legacy.example.internal")
+            .any(|s| s.passthrough)
+    })
+    .await;
+    let (answer, _) = common::dns::ask_udp(
+        &udp,
+        0x5f,
+        "pg.external.test.",
+        hickory_proto::rr::RecordType::A,
+        Duration::from_secs(3),
+    )
+    .expect("a1's DNS proxy answers");
+    let pg_vips = common::dns::a_records(&answer);
+    let [pg_vip] = &pg_vips[..] else {
+        panic!("one allocated address for the host, got {pg_vips:?}")
+    };
+    assert!(
+        pg_vip.starts_with("240.240."),
+        "allocated from Istio's range: {pg_vip}"
+    );
+    while b2.peers.try_recv().is_ok() {}
+    for i in 0..3 {
+        assert_eq!(
+            lab.send("a1", pg_vip, 5432, &format!("pg-{i}")),
+            Ok(format!("pg-{i}")),
+            "through the allocated VIP to the host's looked-up address"
+        );
+        assert_eq!(b2.next_peer(), "10.250.1.2", "b2 sees a1's own address");
+    }
+    assert_eq!(
+        node_resolver.times_asked("pg.external.test.", hickory_proto::rr::RecordType::A),
+        1,
+        "looked up once, then from the cache: {:?}",
+        node_resolver.asked.lock().unwrap()
+    );
+    let m = scrape(a.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            "istio_on_demand_dns_total",
+            &["hostname=\"pg.external.test\"", "source_workload=\"a1\""]
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            OPENED,
+            &[
+                "reporter=\"source\"",
+                "destination_service=\"pg.external.test\"",
+                "connection_security_policy=\"unknown\"",
+            ],
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        lab.send("a1", "10.250.2.3", 8080, "legacy"),
+        Ok("legacy".into()),
+        "a passthrough entry's address is reached as dialled"
+    );
+    assert_eq!(b2.next_peer(), "10.250.1.2");
+    let m = scrape(a.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            OPENED,
+            &[
+                "reporter=\"source\"",
+                "destination_service=\"legacy.example.internal\"",
+            ],
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    for name in ["pg", "legacy"] {
+        service_entries(&client)
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete ServiceEntry");
+    }
+    drop(node_resolver);
 
     assert_eq!(lab.ruleset("a1").as_deref(), Some(a1_rules.as_str()));
     assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 1);

@@ -59,3 +59,92 @@ pub fn a_records(m: &Message) -> Vec<String> {
         })
         .collect()
 }
+
+/// A resolver for weft's own lookups (its `--dns-resolv-conf` names it): answers A queries
+/// for the names it was given, NXDOMAIN for anything else, over UDP on `addr` in the test's
+/// own namespace (loopback). Records every question it gets.
+pub struct NodeResolver {
+    pub asked: std::sync::Arc<std::sync::Mutex<Vec<(String, RecordType)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeResolver {
+    pub fn start(addr: &str, names: &[(&str, std::net::Ipv4Addr)]) -> NodeResolver {
+        use hickory_proto::op::{MessageType, ResponseCode};
+        use hickory_proto::rr::{rdata::A, Record};
+        let socket = UdpSocket::bind(addr).expect("bind the node resolver");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let names: Vec<(Name, std::net::Ipv4Addr)> = names
+            .iter()
+            .map(|(n, ip)| (Name::from_ascii(n).expect("name"), *ip))
+            .collect();
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (asked2, stop2) = (asked.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(question) = q.queries().first().cloned() else {
+                    continue;
+                };
+                asked2.lock().unwrap().push((
+                    question.name().to_lowercase().to_ascii(),
+                    question.query_type(),
+                ));
+                let mut a = Message::new();
+                a.set_id(q.id())
+                    .set_message_type(MessageType::Response)
+                    .set_recursion_desired(q.recursion_desired())
+                    .set_recursion_available(true)
+                    .add_query(question.clone());
+                let known = names
+                    .iter()
+                    .find(|(n, _)| n.eq_case(&question.name().to_lowercase()));
+                match known {
+                    Some((n, ip)) => {
+                        if question.query_type() == RecordType::A {
+                            a.add_answer(Record::from_rdata(n.clone(), 300, RData::A(A(*ip))));
+                        }
+                    }
+                    None => {
+                        a.set_response_code(ResponseCode::NXDomain);
+                    }
+                }
+                let _ = socket.send_to(&a.to_vec().expect("encode"), from);
+            }
+        });
+        NodeResolver {
+            asked,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many times `name` (with the root dot) was asked for `qtype`.
+    pub fn times_asked(&self, name: &str, qtype: RecordType) -> usize {
+        self.asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, t)| n == name && *t == qtype)
+            .count()
+    }
+}
+
+impl Drop for NodeResolver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
