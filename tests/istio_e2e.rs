@@ -79,7 +79,17 @@ struct Weft {
     ca: Arc<IstioCa>,
 }
 
-async fn start_weft(node: &str, pod: &str, istiod: &Istiod, token: &Path) -> Weft {
+/// weft's own resolver in this test (see `NodeResolver`), on loopback: the in-process wefts
+/// make their own lookups from the test's namespace.
+const NODE_RESOLVER: &str = "127.0.250.54";
+
+async fn start_weft(
+    node: &str,
+    pod: &str,
+    istiod: &Istiod,
+    token: &Path,
+    resolv_conf: &Path,
+) -> Weft {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let target = GrpcTarget {
         address: istiod.xds_addr().to_string(),
@@ -118,6 +128,7 @@ async fn start_weft(node: &str, pod: &str, istiod: &Istiod, token: &Path) -> Wef
         find_netns: true,
     };
     let mut s = settings(node);
+    s.dns.own_resolv_conf = resolv_conf.to_owned();
     // No CA directory at all: a signer that is not istiod's would fail to load.
     s.ca_dir = PathBuf::from("/nonexistent/no-ca-key-here");
     let signer: Arc<dyn CertificateSigner> = ca.clone();
@@ -207,8 +218,10 @@ async fn weft_runs_under_a_real_istiod() {
         "b",
         &api.token("istio-system", "ztunnel", "istio-ca", Some("ztunnel-b")),
     );
-    let a = start_weft("node-a", "ztunnel-a", &istiod, &token_a).await;
-    let b = start_weft("node-b", "ztunnel-b", &istiod, &token_b).await;
+    let resolv_conf = dir.path().join("resolv.conf");
+    std::fs::write(&resolv_conf, format!("nameserver {NODE_RESOLVER}\n")).unwrap();
+    let a = start_weft("node-a", "ztunnel-a", &istiod, &token_a, &resolv_conf).await;
+    let b = start_weft("node-b", "ztunnel-b", &istiod, &token_b, &resolv_conf).await;
 
     // Ready only after istiod's first push; then each weft captures its own pod.
     let took = wait_for(
@@ -342,6 +355,54 @@ async fn weft_runs_under_a_real_istiod() {
         Ok("allowed".into())
     );
     b1.next_peer();
+
+    // A ServiceEntry resolved by DNS, as istiod sends it: a service with the entry's address
+    // and, for its host, a workload known by name only. a1's DNS proxy answers the host from
+    // that state; a connection to the address reaches what weft's own resolver gives for the
+    // host (b2, outside the mesh), in plain TCP.
+    let node_resolver = common::dns::NodeResolver::start(
+        &format!("{NODE_RESOLVER}:53"),
+        &[("pg.external.test.", "10.250.2.3".parse().unwrap())],
+    );
+    let b2 = lab.serve("b2", 8080);
+    api.apply_yaml(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: pg\n  namespace: shop\nspec:\n  hosts: [pg.external.test]\n  addresses: [240.240.7.7]\n  resolution: DNS\n  location: MESH_EXTERNAL\n  ports:\n  - {number: 5432, name: tcp, protocol: TCP, targetPort: 8080}\n",
+    );
+    let took = wait_for(
+        "node A holds the entry from istiod",
+        Duration::from_secs(30),
+        || {
+            let snap = a.node.ctx.state.snapshot();
+            let held = snap.services_by_hostname("pg.external.test").any(|s| {
+                snap.healthy_endpoints(&s.key())
+                    .any(|e| e.workload.hostname == "pg.external.test")
+            });
+            held
+        },
+    )
+    .await;
+    eprintln!("FIGURE ServiceEntry created -> held by weft with its endpoint by name: {took:?}");
+    let udp = common::dns::pod_udp(&lab.netns_path("a1"), "10.250.2.3:53");
+    let (answer, _) = common::dns::ask_udp(
+        &udp,
+        0x60,
+        "pg.external.test.",
+        hickory_proto::rr::RecordType::A,
+        Duration::from_secs(3),
+    )
+    .expect("a1's DNS proxy answers the entry's host");
+    assert_eq!(common::dns::a_records(&answer), ["240.240.7.7"]);
+    assert_eq!(
+        lab.send("a1", "240.240.7.7", 5432, "pg-via-istiod"),
+        Ok("pg-via-istiod".into())
+    );
+    assert_eq!(b2.next_peer(), "10.250.1.2");
+    assert_eq!(
+        node_resolver.times_asked("pg.external.test.", hickory_proto::rr::RecordType::A),
+        1
+    );
+    api.kubectl(&["delete", "serviceentry", "pg", "-n", "shop"]);
+    drop(node_resolver);
 
     // istiod goes away: weft keeps serving with what it has; a change made meanwhile arrives
     // once istiod is back, on a stream that resumes from the versions weft holds.
