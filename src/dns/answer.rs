@@ -231,7 +231,8 @@ fn hostname(name: &Name) -> String {
     s.strip_suffix('.').unwrap_or(&s).to_string()
 }
 
-/// The service with `host` that has an address, preferring the asker's own namespace.
+/// The service with `host` that has an address and that the asker may see, preferring the
+/// asker's own namespace.
 ///
 /// A service without a VIP is answered only when it is a Kubernetes headless service (its
 /// host is under `svc.<cluster domain>`) with healthy endpoints: with their addresses. Any
@@ -241,6 +242,10 @@ fn best_service(snap: &Snapshot, asker: &Asker<'_>, host: &str) -> Option<Arc<Se
     let mut first = None;
     let svc_suffix = format!(".{}", hostname(asker.svc_domain));
     for s in snap.services_by_hostname(host) {
+        // Not visible to the asker: forwarded, as if not in the mesh.
+        if !s.visible_to(asker.namespace) {
+            continue;
+        }
         if s.vips.is_empty()
             && !(s.hostname.ends_with(&svc_suffix)
                 && snap.healthy_endpoints(&s.key()).next().is_some())

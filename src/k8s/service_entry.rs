@@ -413,6 +413,7 @@ pub fn translate(
                 subject_alt_names: se.spec.subject_alt_names.clone(),
                 waypoint: None,
                 passthrough: resolution == Resolution::None,
+                visibility: Default::default(),
             };
             let wildcard = host.starts_with('*') && resolution != Resolution::DynamicDns;
             if service.vips.is_empty() && may_allocate && !wildcard {

@@ -390,6 +390,7 @@ fn service_of(svc: &K8sService, facts: &ClusterFacts) -> Option<Service> {
         ports,
         subject_alt_names: Vec::new(),
         passthrough: false,
+        visibility: Default::default(),
         waypoint: None,
     })
 }

@@ -105,7 +105,12 @@ impl Outbound {
             Some(w) => w.clone(),
             None => self.stand_in(client_addr),
         };
-        let decision = decide(&snap, original_dst, &self.ctx.settings.ports);
+        let decision = decide(
+            &snap,
+            &source.namespace,
+            original_dst,
+            &self.ctx.settings.ports,
+        );
         drop(snap);
         let route = match decision {
             Ok(Decision::Ready(route)) => Ok(route),

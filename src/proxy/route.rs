@@ -85,7 +85,8 @@ impl Unresolved {
     }
 }
 
-/// Decides how a connection to `original_dst` is carried.
+/// Decides how a connection from a workload in `source_namespace` to `original_dst` is
+/// carried.
 ///
 /// - a service VIP: pick a healthy endpoint at random, then as for that workload (an endpoint
 ///   known only by a hostname is resolved by the caller); a passthrough service's VIP goes to
@@ -94,10 +95,15 @@ impl Unresolved {
 /// - a workload speaking TCP, or an address weft does not know: plain TCP passthrough.
 pub fn decide(
     snap: &Snapshot,
+    source_namespace: &str,
     original_dst: SocketAddr,
     ports: &Ports,
 ) -> Result<Decision, RouteError> {
-    if let Some(service) = snap.service_by_vip(original_dst.ip()) {
+    // A service the client may not see is, to it, no service: its VIP is just an address.
+    let service = snap
+        .service_by_vip(original_dst.ip())
+        .filter(|s| s.visible_to(source_namespace));
+    if let Some(service) = service {
         if service.passthrough {
             let mut route = to_address(snap, original_dst, ports)?;
             route.service = Some(service.clone());
@@ -199,16 +205,19 @@ mod tests {
     use crate::state::local::{parse, Defaults};
     use crate::state::{SourceData, StateStore};
 
-    fn snapshot(yaml: &str) -> Arc<Snapshot> {
+    fn snapshot_data(yaml: &str) -> SourceData {
         let d = Defaults {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
         };
-        let data = parse(yaml, std::path::Path::new("t.yaml"), &d)
+        parse(yaml, std::path::Path::new("t.yaml"), &d)
             .unwrap()
-            .data;
+            .data
+    }
+
+    fn snapshot(yaml: &str) -> Arc<Snapshot> {
         let store = StateStore::new("istio-system");
-        store.replace_source("t", data);
+        store.replace_source("t", snapshot_data(yaml));
         store.snapshot()
     }
 
@@ -257,6 +266,7 @@ services:
             subject_alt_names: vec![],
             waypoint: None,
             passthrough,
+            visibility: Default::default(),
         };
         let named = Workload {
             uid: "db-endpoint".into(),
@@ -292,7 +302,7 @@ services:
     #[test]
     fn an_endpoint_known_by_name_is_resolved_then_routed() {
         let snap = named_and_passthrough();
-        let d = decide(&snap, "240.240.0.7:80".parse().unwrap(), &own()).unwrap();
+        let d = decide(&snap, "shop", "240.240.0.7:80".parse().unwrap(), &own()).unwrap();
         let Decision::Resolve(u) = d else {
             panic!("expected a name to resolve, got {d:?}")
         };
@@ -313,7 +323,12 @@ services:
         let snap = named_and_passthrough();
         // The VIP is b's own address: the connection goes to b (HBONE), on the port dialled,
         // not to an endpoint (the service has none).
-        let r = ready(decide(&snap, "10.250.2.2:80".parse().unwrap(), &own()));
+        let r = ready(decide(
+            &snap,
+            "shop",
+            "10.250.2.2:80".parse().unwrap(),
+            &own(),
+        ));
         assert_eq!(r.target, "10.250.2.2:80".parse().unwrap());
         assert!(matches!(r.transport, Transport::Hbone { .. }));
         assert_eq!(r.service.unwrap().name, "legacy");
@@ -322,7 +337,12 @@ services:
     #[test]
     fn hbone_workload_is_tunnelled() {
         let snap = snapshot(CONFIG);
-        let r = ready(decide(&snap, "10.250.2.2:8080".parse().unwrap(), &own()));
+        let r = ready(decide(
+            &snap,
+            "shop",
+            "10.250.2.2:8080".parse().unwrap(),
+            &own(),
+        ));
         assert_eq!(
             r.transport,
             Transport::Hbone {
@@ -339,10 +359,20 @@ services:
     #[test]
     fn tcp_workload_and_unknown_pass_through() {
         let snap = snapshot(CONFIG);
-        let r = ready(decide(&snap, "10.250.2.3:80".parse().unwrap(), &own()));
+        let r = ready(decide(
+            &snap,
+            "shop",
+            "10.250.2.3:80".parse().unwrap(),
+            &own(),
+        ));
         assert_eq!(r.transport, Transport::Plain);
         assert_eq!(r.destination.unwrap().name, "legacy");
-        let r = ready(decide(&snap, "10.250.9.9:443".parse().unwrap(), &own()));
+        let r = ready(decide(
+            &snap,
+            "shop",
+            "10.250.9.9:443".parse().unwrap(),
+            &own(),
+        ));
         assert_eq!(
             (r.transport, r.target),
             (Transport::Plain, "10.250.9.9:443".parse().unwrap())
@@ -352,7 +382,12 @@ services:
     #[test]
     fn vip_picks_endpoint_and_maps_port() {
         let snap = snapshot(CONFIG);
-        let r = ready(decide(&snap, "10.250.128.10:80".parse().unwrap(), &own()));
+        let r = ready(decide(
+            &snap,
+            "shop",
+            "10.250.128.10:80".parse().unwrap(),
+            &own(),
+        ));
         assert_eq!(r.target, "10.250.2.2:8080".parse().unwrap());
         let Transport::Hbone { identities, .. } = r.transport else {
             panic!("expected HBONE")
@@ -365,9 +400,27 @@ services:
     }
 
     #[test]
+    fn a_namespace_scoped_service_routes_only_its_own_namespace() {
+        let store = StateStore::new("istio-system");
+        let mut data = snapshot_data(CONFIG);
+        for s in &mut data.services {
+            s.visibility = crate::state::Visibility::Namespace;
+        }
+        store.replace_source("t", data);
+        let snap = store.snapshot();
+        let vip: SocketAddr = "10.250.128.10:80".parse().unwrap();
+        let r = ready(decide(&snap, "shop", vip, &own()));
+        assert_eq!(r.target, "10.250.2.2:8080".parse().unwrap());
+        // From elsewhere the VIP is only an address weft does not know.
+        let r = ready(decide(&snap, "elsewhere", vip, &own()));
+        assert_eq!((r.transport, r.target), (Transport::Plain, vip));
+        assert!(r.service.is_none());
+    }
+
+    #[test]
     fn own_ports_are_refused() {
         let snap = snapshot(CONFIG);
-        let e = decide(&snap, "10.250.2.2:15008".parse().unwrap(), &own()).unwrap_err();
+        let e = decide(&snap, "shop", "10.250.2.2:15008".parse().unwrap(), &own()).unwrap_err();
         assert!(matches!(e, RouteError::OwnPort(_)));
     }
 }

@@ -307,6 +307,7 @@ fn parse_config(
             ports: s.ports,
             subject_alt_names: s.subject_alt_names,
             passthrough: false,
+            visibility: Default::default(),
             waypoint: None,
         });
     }

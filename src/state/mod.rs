@@ -5,6 +5,6 @@ pub mod service;
 pub mod store;
 pub mod workload;
 
-pub use service::{Endpoint, Service, ServiceKey};
+pub use service::{Endpoint, Service, ServiceKey, Visibility};
 pub use store::{Delta, EndpointPorts, Snapshot, SourceData, StateStore};
 pub use workload::{GatewayAddress, GatewayDestination, HealthStatus, Netns, Protocol, Workload};

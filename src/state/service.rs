@@ -56,9 +56,26 @@ pub struct Service {
     /// A connection to a VIP goes to the address the client dialled, not to an endpoint (the
     /// control plane's PASSTHROUGH load balancing: a ServiceEntry with `resolution: NONE`).
     pub passthrough: bool,
+    /// Who may resolve the service and send to its VIPs.
+    pub visibility: Visibility,
+}
+
+/// The control plane's scoping of a service (istiod's `serviceEntryVisibility`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Visibility {
+    /// Every client.
+    #[default]
+    Public,
+    /// Clients in the service's own namespace only; to others it is as if it did not exist.
+    Namespace,
 }
 
 impl Service {
+    /// Whether a client in `namespace` may resolve this service and be routed by its VIPs.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        self.visibility == Visibility::Public || self.namespace == namespace
+    }
+
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
             namespace: self.namespace.clone(),

@@ -448,6 +448,7 @@ mod tests {
             ports: BTreeMap::from([(80, 8080)]),
             subject_alt_names: vec![],
             passthrough: false,
+            visibility: Default::default(),
             waypoint: None,
         }
     }

@@ -11,7 +11,7 @@ use crate::authz::xds_form::ip_from_bytes;
 use crate::proto::workload as pb;
 use crate::state::{
     EndpointPorts, GatewayAddress, GatewayDestination, HealthStatus, Protocol, Service, ServiceKey,
-    Workload,
+    Visibility, Workload,
 };
 
 /// HBONE's port where a gateway address says 0.
@@ -207,6 +207,11 @@ fn service(s: pb::Service) -> Result<Service, TranslateError> {
         hostname: s.hostname,
         vips,
         subject_alt_names: s.subject_alt_names,
+        visibility: if s.visibility == pb::service::Visibility::Namespace as i32 {
+            Visibility::Namespace
+        } else {
+            Visibility::Public
+        },
         passthrough: s
             .load_balancing
             .as_ref()
@@ -355,5 +360,20 @@ mod tests {
         })
         .expect("valid");
         assert!(s.passthrough);
+        assert_eq!(s.visibility, Visibility::Public);
+    }
+
+    #[test]
+    fn namespace_visibility_is_kept() {
+        let s = service(pb::Service {
+            name: "db".into(),
+            namespace: "shop".into(),
+            hostname: "db.example.com".into(),
+            visibility: pb::service::Visibility::Namespace as i32,
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(s.visibility, Visibility::Namespace);
+        assert!(s.visible_to("shop") && !s.visible_to("other"));
     }
 }

@@ -21,6 +21,7 @@ fn service(ns: &str, host: &str, vips: &[&str]) -> Service {
         ports: BTreeMap::from([(80, 8080)]),
         subject_alt_names: Vec::new(),
         passthrough: false,
+        visibility: Default::default(),
         waypoint: None,
     }
 }
@@ -268,6 +269,27 @@ fn a_headless_service_is_answered_with_its_healthy_endpoints() {
         ask(&snap, &query("ext.example.com.", RecordType::A)),
         Lookup::Forward
     ));
+}
+
+#[test]
+fn a_namespace_scoped_service_is_answered_only_in_its_namespace() {
+    let mut scoped = service("shop", "db.example.internal", &["240.240.0.5"]);
+    scoped.visibility = crate::state::Visibility::Namespace;
+    let snap = snapshot(vec![scoped]);
+    let q = query("db.example.internal.", RecordType::A);
+    assert_eq!(
+        records(&answered(ask(&snap, &q))),
+        vec![("db.example.internal.".into(), "240.240.0.5".into())]
+    );
+    let search = [name("other.svc.cluster.local.")];
+    let (svc, cluster) = (name("svc.cluster.local."), name("cluster.local."));
+    let from_other = Asker {
+        namespace: "other",
+        search: &search,
+        svc_domain: &svc,
+        cluster_domain: &cluster,
+    };
+    assert!(matches!(lookup(&snap, &from_other, &q), Lookup::Forward));
 }
 
 #[test]

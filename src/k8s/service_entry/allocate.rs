@@ -78,6 +78,7 @@ mod tests {
             subject_alt_names: vec![],
             waypoint: None,
             passthrough: false,
+            visibility: Default::default(),
         }
     }
 
