@@ -688,7 +688,7 @@ proptest! {
         baggage in "\\PC{0,40}",
     ) {
         let (dest, client) = (SocketAddr::new(dest, dport), SocketAddr::new(client, cport));
-        let r = wire::connect_request(&ConnectRequest { authority: dest, client, baggage });
+        let r = wire::connect_request(&ConnectRequest { authority: dest, client, baggage, service_host: None });
         prop_assert_eq!(wire::validate(&r, dest.ip()).ok(), Some(dest));
         prop_assert_eq!(wire::forwarded_for(&r), Some(client));
     }

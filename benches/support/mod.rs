@@ -418,6 +418,7 @@ impl FreshTunnel {
             authority: self.authority,
             client,
             baggage: String::new(),
+            service_host: None,
         };
         let mut stream = open_stream(&conn.sender, &req).await?;
         let want = request.len() - 3;

@@ -236,10 +236,12 @@ pub fn connect_validate(data: &[u8]) {
     let dest = SocketAddr::new(r.ip(), r.u16());
     let client = SocketAddr::new(r.ip(), r.u16());
     let baggage = String::from_utf8_lossy(r.bytes()).into_owned();
+    let service_host = Some(String::from_utf8_lossy(r.bytes()).into_owned());
     let built = wire::connect_request(&ConnectRequest {
         authority: dest,
         client,
         baggage,
+        service_host,
     });
     assert_eq!(wire::validate(&built, dest.ip()).ok(), Some(dest));
     assert_eq!(wire::forwarded_for(&built), Some(client));

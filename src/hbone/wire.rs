@@ -15,6 +15,9 @@ pub struct ConnectRequest {
     pub client: SocketAddr,
     /// W3C baggage with the source's metadata.
     pub baggage: String,
+    /// The hostname of the service the client addressed, when it addressed one: sent as
+    /// `forwarded: ...;host=` (as ztunnel sends it; a waypoint picks the service by it).
+    pub service_host: Option<String>,
 }
 
 /// A request the server refuses before doing anything, with the status that says why.
@@ -59,7 +62,14 @@ pub fn connect_request(req: &ConnectRequest) -> Request<()> {
         .build()
         .unwrap_or_default();
     let h = r.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("for=\"{}\"", host_port(req.client))) {
+    let for_client = format!("for=\"{}\"", host_port(req.client));
+    // A hostname that is no header text costs only the `host=` part, never the client address.
+    let forwarded = req
+        .service_host
+        .as_ref()
+        .and_then(|host| HeaderValue::from_str(&format!("{for_client};host={host}")).ok())
+        .or_else(|| HeaderValue::from_str(&for_client).ok());
+    if let Some(v) = forwarded {
         h.insert("forwarded", v);
     }
     if let Ok(v) = HeaderValue::from_str(&req.baggage) {
@@ -164,7 +174,12 @@ mod tests {
             authority: "[fd00::2]:8080".parse().unwrap(),
             client: "10.0.0.9:5555".parse().unwrap(),
             baggage: baggage("c", "ns", "w", "a", "v"),
+            service_host: Some("web.shop.svc.cluster.local".into()),
         });
+        assert_eq!(
+            r.headers()["forwarded"],
+            "for=\"10.0.0.9:5555\";host=web.shop.svc.cluster.local"
+        );
         assert_eq!(r.method(), Method::CONNECT);
         assert_eq!(r.uri().authority().unwrap().as_str(), "[fd00::2]:8080");
         assert_eq!(forwarded_for(&r), Some("10.0.0.9:5555".parse().unwrap()));

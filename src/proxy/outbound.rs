@@ -105,12 +105,7 @@ impl Outbound {
             Some(w) => w.clone(),
             None => self.stand_in(client_addr),
         };
-        let decision = decide(
-            &snap,
-            &source.namespace,
-            original_dst,
-            &self.ctx.settings.ports,
-        );
+        let decision = decide(&snap, &source, original_dst, &self.ctx.settings.ports);
         drop(snap);
         let route = match decision {
             Ok(Decision::Ready(route)) => Ok(route),
@@ -174,6 +169,7 @@ impl Outbound {
                         source.app(),
                         &source.canonical_revision,
                     ),
+                    service_host: route.service.as_ref().map(|s| s.hostname.clone()),
                 };
                 match self
                     .open_tunnel(&source, src_identity, tunnel, identities, &request)

@@ -8,7 +8,9 @@ use rand::Rng;
 
 use crate::config::Ports;
 use crate::identity::Identity;
-use crate::state::{Protocol, Service, Snapshot, Workload};
+use crate::state::{
+    GatewayAddress, GatewayDestination, Protocol, Service, ServiceKey, Snapshot, Workload,
+};
 
 /// How the bytes travel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum RouteError {
     NoHealthyEndpoint(String),
     #[error("{0} is one of weft's own ports; refusing to loop")]
     OwnPort(SocketAddr),
+    #[error("waypoint {0} has no healthy instance")]
+    NoWaypoint(String),
     #[error("endpoint {hostname} of service {service} did not resolve: {reason}")]
     Unresolved {
         hostname: String,
@@ -85,27 +89,39 @@ impl Unresolved {
     }
 }
 
-/// Decides how a connection from a workload in `source_namespace` to `original_dst` is
-/// carried.
+/// Decides how a connection from `source` to `original_dst` is carried.
 ///
+/// - a service VIP of a service with a waypoint: in HBONE to the waypoint, the VIP as the
+///   authority;
 /// - a service VIP: pick a healthy endpoint at random, then as for that workload (an endpoint
 ///   known only by a hostname is resolved by the caller); a passthrough service's VIP goes to
 ///   the address dialled, as if no service had it;
+/// - a workload with a waypoint, addressed directly: in HBONE to the waypoint;
 /// - a workload speaking HBONE: tunnel to its HBONE port (`ports.hbone`);
 /// - a workload speaking TCP, or an address weft does not know: plain TCP passthrough.
+///
+/// Traffic from a waypoint itself never goes back to it.
 pub fn decide(
     snap: &Snapshot,
-    source_namespace: &str,
+    source: &Workload,
     original_dst: SocketAddr,
     ports: &Ports,
 ) -> Result<Decision, RouteError> {
     // A service the client may not see is, to it, no service: its VIP is just an address.
     let service = snap
         .service_by_vip(original_dst.ip())
-        .filter(|s| s.visible_to(source_namespace));
+        .filter(|s| s.visible_to(&source.namespace));
     if let Some(service) = service {
+        if let Some(waypoint) = &service.waypoint {
+            if let Some(route) = via_waypoint(snap, waypoint, source, original_dst, ports)? {
+                return Ok(Decision::Ready(Route {
+                    service: Some(service.clone()),
+                    ..route
+                }));
+            }
+        }
         if service.passthrough {
-            let mut route = to_address(snap, original_dst, ports)?;
+            let mut route = to_address(snap, source, original_dst, ports)?;
             route.service = Some(service.clone());
             return Ok(Decision::Ready(route));
         }
@@ -116,13 +132,7 @@ pub fn decide(
         }
         let ep = endpoints[rand::rng().random_range(0..endpoints.len())];
         let port = ep.target_port(service, original_dst.port());
-        // Prefer an address of the family the client used.
-        let ips = &ep.workload.workload_ips;
-        let Some(ip) = ips
-            .iter()
-            .find(|ip| ip.is_ipv4() == original_dst.is_ipv4())
-            .or(ips.first())
-        else {
+        let Some(ip) = address_for(&ep.workload, original_dst) else {
             if ep.workload.hostname.is_empty() {
                 return Err(RouteError::NoHealthyEndpoint(key.to_string()));
             }
@@ -134,10 +144,94 @@ pub fn decide(
                 port,
             }));
         };
-        let target = SocketAddr::new(*ip, port);
+        let target = SocketAddr::new(ip, port);
         return service_route(service, &ep.workload, target, ports).map(Decision::Ready);
     }
-    to_address(snap, original_dst, ports).map(Decision::Ready)
+    to_address(snap, source, original_dst, ports).map(Decision::Ready)
+}
+
+/// A workload's address of the family the client used, else its first.
+fn address_for(w: &Workload, dst: SocketAddr) -> Option<IpAddr> {
+    let ips = &w.workload_ips;
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or(ips.first())
+        .copied()
+}
+
+/// The route through `waypoint` to `original_dst` (the CONNECT authority stays the address
+/// the client dialled); `None` when `source` is that waypoint. The waypoint is a service (by
+/// hostname: one of its healthy endpoints) or an address (a VIP's endpoint, or a workload);
+/// it is always reached in HBONE, on its HBONE port, and must present its workload's identity
+/// or one of its service's.
+fn via_waypoint(
+    snap: &Snapshot,
+    waypoint: &GatewayAddress,
+    source: &Workload,
+    original_dst: SocketAddr,
+    ports: &Ports,
+) -> Result<Option<Route>, RouteError> {
+    let unknown = || RouteError::NoWaypoint(waypoint_name(waypoint));
+    let service = match &waypoint.destination {
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => Some(
+            snap.service(&ServiceKey {
+                namespace: namespace.clone(),
+                hostname: hostname.clone(),
+            })
+            .ok_or_else(unknown)?,
+        ),
+        GatewayDestination::Address { address, .. } => snap.service_by_vip(*address),
+    };
+    let instances: Vec<&Arc<Workload>> = match (service, &waypoint.destination) {
+        (Some(s), _) => snap
+            .healthy_endpoints(&s.key())
+            .map(|e| &e.workload)
+            .collect(),
+        (None, GatewayDestination::Address { address, .. }) => {
+            snap.workload_by_ip(*address).into_iter().collect()
+        }
+        (None, GatewayDestination::Hostname { .. }) => Vec::new(),
+    };
+    if instances.iter().any(|w| w.uid == source.uid) {
+        return Ok(None);
+    }
+    if instances.is_empty() {
+        return Err(unknown());
+    }
+    if ports.is_own(original_dst.port()) {
+        return Err(RouteError::OwnPort(original_dst));
+    }
+    let instance = instances[rand::rng().random_range(0..instances.len())];
+    let ip = address_for(instance, original_dst).ok_or_else(unknown)?;
+    let mut identities = vec![instance.identity()];
+    identities.extend(
+        service
+            .into_iter()
+            .flat_map(|s| &s.subject_alt_names)
+            .filter_map(|s| s.parse::<Identity>().ok()),
+    );
+    Ok(Some(Route {
+        transport: Transport::Hbone {
+            tunnel: SocketAddr::new(ip, waypoint.hbone_mtls_port),
+            identities,
+        },
+        target: original_dst,
+        destination: Some(instance.clone()),
+        service: None,
+    }))
+}
+
+fn waypoint_name(w: &GatewayAddress) -> String {
+    match &w.destination {
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => format!("{namespace}/{hostname}"),
+        GatewayDestination::Address { network, address } => format!("{network}/{address}"),
+    }
 }
 
 /// The route to an endpoint of `service`: as to the workload, also accepting the service's
@@ -161,9 +255,20 @@ fn service_route(
     Ok(route)
 }
 
-/// The route to an address as dialled: the workload that has it, else plain TCP.
-fn to_address(snap: &Snapshot, dst: SocketAddr, ports: &Ports) -> Result<Route, RouteError> {
+/// The route to an address as dialled: the workload that has it (through its waypoint when
+/// it names one), else plain TCP.
+fn to_address(
+    snap: &Snapshot,
+    source: &Workload,
+    dst: SocketAddr,
+    ports: &Ports,
+) -> Result<Route, RouteError> {
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
+        if let Some(waypoint) = &w.waypoint {
+            if let Some(route) = via_waypoint(snap, waypoint, source, dst, ports)? {
+                return Ok(route);
+            }
+        }
         let mut route = to_workload(w, dst, ports)?;
         route.service = snap.services_of(&w.uid).next().cloned();
         return Ok(route);
@@ -247,6 +352,18 @@ services:
         Ports::default()
     }
 
+    fn in_namespace(ns: &str) -> Workload {
+        Workload {
+            uid: format!("client-in-{ns}"),
+            namespace: ns.into(),
+            ..Workload::default()
+        }
+    }
+
+    fn client() -> Workload {
+        in_namespace("shop")
+    }
+
     fn ready(d: Result<Decision, RouteError>) -> Route {
         match d {
             Ok(Decision::Ready(r)) => r,
@@ -302,7 +419,7 @@ services:
     #[test]
     fn an_endpoint_known_by_name_is_resolved_then_routed() {
         let snap = named_and_passthrough();
-        let d = decide(&snap, "shop", "240.240.0.7:80".parse().unwrap(), &own()).unwrap();
+        let d = decide(&snap, &client(), "240.240.0.7:80".parse().unwrap(), &own()).unwrap();
         let Decision::Resolve(u) = d else {
             panic!("expected a name to resolve, got {d:?}")
         };
@@ -325,7 +442,7 @@ services:
         // not to an endpoint (the service has none).
         let r = ready(decide(
             &snap,
-            "shop",
+            &client(),
             "10.250.2.2:80".parse().unwrap(),
             &own(),
         ));
@@ -339,7 +456,7 @@ services:
         let snap = snapshot(CONFIG);
         let r = ready(decide(
             &snap,
-            "shop",
+            &client(),
             "10.250.2.2:8080".parse().unwrap(),
             &own(),
         ));
@@ -361,7 +478,7 @@ services:
         let snap = snapshot(CONFIG);
         let r = ready(decide(
             &snap,
-            "shop",
+            &client(),
             "10.250.2.3:80".parse().unwrap(),
             &own(),
         ));
@@ -369,7 +486,7 @@ services:
         assert_eq!(r.destination.unwrap().name, "legacy");
         let r = ready(decide(
             &snap,
-            "shop",
+            &client(),
             "10.250.9.9:443".parse().unwrap(),
             &own(),
         ));
@@ -384,7 +501,7 @@ services:
         let snap = snapshot(CONFIG);
         let r = ready(decide(
             &snap,
-            "shop",
+            &client(),
             "10.250.128.10:80".parse().unwrap(),
             &own(),
         ));
@@ -409,18 +526,168 @@ services:
         store.replace_source("t", data);
         let snap = store.snapshot();
         let vip: SocketAddr = "10.250.128.10:80".parse().unwrap();
-        let r = ready(decide(&snap, "shop", vip, &own()));
+        let r = ready(decide(&snap, &client(), vip, &own()));
         assert_eq!(r.target, "10.250.2.2:8080".parse().unwrap());
         // From elsewhere the VIP is only an address weft does not know.
-        let r = ready(decide(&snap, "elsewhere", vip, &own()));
+        let r = ready(decide(&snap, &in_namespace("elsewhere"), vip, &own()));
         assert_eq!((r.transport, r.target), (Transport::Plain, vip));
         assert!(r.service.is_none());
+    }
+
+    /// CONFIG, with a waypoint (a service of one instance, 10.250.1.9, in namespace `infra`)
+    /// named by `server`'s service (by hostname) and by `legacy` (by address).
+    fn with_waypoint() -> Arc<Snapshot> {
+        let mut data = snapshot_data(CONFIG);
+        let waypoint = Workload {
+            uid: "waypoint-1".into(),
+            name: "waypoint-1".into(),
+            namespace: "infra".into(),
+            service_account: "waypoint".into(),
+            trust_domain: "cluster.local".into(),
+            workload_ips: vec!["10.250.1.9".parse().unwrap()],
+            protocol: Protocol::HBONE,
+            ..Workload::default()
+        };
+        let wp_service = Service {
+            name: "waypoint".into(),
+            namespace: "infra".into(),
+            hostname: "waypoint.infra.svc.cluster.local".into(),
+            vips: vec!["10.250.128.99".parse().unwrap()],
+            ports: BTreeMap::from([(15008, 15008)]),
+            subject_alt_names: vec![],
+            waypoint: None,
+            passthrough: false,
+            visibility: Default::default(),
+        };
+        data.endpoints
+            .push((wp_service.key(), "waypoint-1".into(), BTreeMap::new()));
+        for s in &mut data.services {
+            s.waypoint = Some(GatewayAddress {
+                destination: GatewayDestination::Hostname {
+                    namespace: "infra".into(),
+                    hostname: "waypoint.infra.svc.cluster.local".into(),
+                },
+                hbone_mtls_port: 15008,
+            });
+        }
+        for w in &mut data.workloads {
+            if w.name == "legacy" {
+                w.waypoint = Some(GatewayAddress {
+                    destination: GatewayDestination::Address {
+                        network: String::new(),
+                        address: "10.250.128.99".parse().unwrap(),
+                    },
+                    hbone_mtls_port: 15008,
+                });
+            }
+        }
+        data.workloads.push(waypoint);
+        data.services.push(wp_service);
+        let store = StateStore::new("istio-system");
+        store.replace_source("t", data);
+        store.snapshot()
+    }
+
+    fn waypoint_identity() -> Identity {
+        "spiffe://cluster.local/ns/infra/sa/waypoint"
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_is_reached_through_it_with_the_vip_as_authority() {
+        let snap = with_waypoint();
+        let vip: SocketAddr = "10.250.128.10:80".parse().unwrap();
+        let r = ready(decide(&snap, &client(), vip, &own()));
+        assert_eq!(
+            r.transport,
+            Transport::Hbone {
+                tunnel: "10.250.1.9:15008".parse().unwrap(),
+                identities: vec![waypoint_identity()],
+            }
+        );
+        assert_eq!(r.target, vip, "the authority is what the client dialled");
+        assert_eq!(r.destination.unwrap().uid, "waypoint-1");
+        assert_eq!(r.service.unwrap().name, "server");
+        // Addressed directly, a workload without its own waypoint is reached directly.
+        let r = ready(decide(
+            &snap,
+            &client(),
+            "10.250.2.2:8080".parse().unwrap(),
+            &own(),
+        ));
+        assert_eq!(r.target, "10.250.2.2:8080".parse().unwrap());
+        assert!(
+            matches!(r.transport, Transport::Hbone { tunnel, .. } if tunnel.ip() == r.target.ip())
+        );
+    }
+
+    #[test]
+    fn a_workload_with_a_waypoint_by_address_is_reached_through_it() {
+        let snap = with_waypoint();
+        let dst: SocketAddr = "10.250.2.3:80".parse().unwrap();
+        let r = ready(decide(&snap, &client(), dst, &own()));
+        assert_eq!(
+            (r.transport, r.target),
+            (
+                Transport::Hbone {
+                    tunnel: "10.250.1.9:15008".parse().unwrap(),
+                    identities: vec![waypoint_identity()],
+                },
+                dst
+            )
+        );
+    }
+
+    #[test]
+    fn the_waypoint_itself_goes_direct_and_a_missing_one_is_an_error() {
+        let snap = with_waypoint();
+        let waypoint = snap.workload_by_uid("waypoint-1").unwrap().clone();
+        let r = ready(decide(
+            &snap,
+            &waypoint,
+            "10.250.128.10:80".parse().unwrap(),
+            &own(),
+        ));
+        assert_eq!(
+            r.target,
+            "10.250.2.2:8080".parse().unwrap(),
+            "to the endpoint"
+        );
+
+        let mut data = snapshot_data(CONFIG);
+        data.services[0].waypoint = Some(GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "infra".into(),
+                hostname: "gone.infra.svc.cluster.local".into(),
+            },
+            hbone_mtls_port: 15008,
+        });
+        let store = StateStore::new("istio-system");
+        store.replace_source("t", data);
+        let e = decide(
+            &store.snapshot(),
+            &client(),
+            "10.250.128.10:80".parse().unwrap(),
+            &own(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            RouteError::NoWaypoint("infra/gone.infra.svc.cluster.local".into())
+        );
     }
 
     #[test]
     fn own_ports_are_refused() {
         let snap = snapshot(CONFIG);
-        let e = decide(&snap, "shop", "10.250.2.2:15008".parse().unwrap(), &own()).unwrap_err();
+        let e = decide(
+            &snap,
+            &client(),
+            "10.250.2.2:15008".parse().unwrap(),
+            &own(),
+        )
+        .unwrap_err();
         assert!(matches!(e, RouteError::OwnPort(_)));
     }
 }

@@ -51,7 +51,7 @@ pub struct Service {
     pub ports: BTreeMap<u16, u16>,
     /// Extra identities a client accepts from any endpoint of this service.
     pub subject_alt_names: Vec<String>,
-    /// The waypoint traffic to this service must pass through (not routed through yet).
+    /// The waypoint traffic to this service's VIPs passes through.
     pub waypoint: Option<GatewayAddress>,
     /// A connection to a VIP goes to the address the client dialled, not to an endpoint (the
     /// control plane's PASSTHROUGH load balancing: a ServiceEntry with `resolution: NONE`).

@@ -95,6 +95,10 @@ impl Snapshot {
         self.workloads.get(uid)
     }
 
+    pub fn service(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
+        self.services.get(key)
+    }
+
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
     }

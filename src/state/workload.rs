@@ -25,8 +25,8 @@ pub enum HealthStatus {
 }
 
 /// A waypoint or a network gateway a workload or service names: where traffic for it goes
-/// instead of straight to it. Kept in the state for the waypoint and multi-network work; weft
-/// does not route through it yet.
+/// instead of straight to it. Waypoints are routed through (`proxy::route`); network gateways
+/// are kept in the state, not routed through yet.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayAddress {
