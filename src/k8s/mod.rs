@@ -11,6 +11,7 @@
 
 pub mod service_entry;
 pub mod translate;
+pub mod waypoint;
 
 use std::fmt::Debug;
 use std::hash::Hash;

@@ -24,6 +24,7 @@ use kube::api::DynamicObject;
 use serde::Deserialize;
 
 use super::translate::{ClusterFacts, RejectedPolicy};
+use super::waypoint;
 use crate::state::{HealthStatus, Protocol, Service, SourceData, Workload};
 
 mod allocate;
@@ -238,6 +239,7 @@ pub fn translate(
     service_entries: &[Arc<DynamicObject>],
     workload_entries: &[Arc<DynamicObject>],
     pods_by_ns: &HashMap<&str, Vec<(&Pod, String)>>,
+    namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
     facts: &ClusterFacts,
     data: &mut SourceData,
     rejected: &mut Vec<RejectedPolicy>,
@@ -411,7 +413,13 @@ pub fn translate(
                 vips,
                 ports: ports.clone(),
                 subject_alt_names: se.spec.subject_alt_names.clone(),
-                waypoint: None,
+                waypoint: waypoint::for_service(
+                    se.obj.metadata.labels.as_ref(),
+                    namespace_labels.get(se.namespace.as_str()).copied(),
+                    &se.namespace,
+                    &host,
+                    facts,
+                ),
                 passthrough: resolution == Resolution::None,
                 visibility: Default::default(),
             };

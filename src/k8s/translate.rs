@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::DynamicObject;
 use serde_json::Value;
 
+use super::waypoint;
 use crate::authz::peer_authn::{self, PeerAuthns};
 use crate::authz::{self, Policy};
 use crate::state::{HealthStatus, Netns, Protocol, Service, ServiceKey, SourceData, Workload};
@@ -81,6 +82,12 @@ pub fn translate(
         .filter_map(|ns| Some((ns.metadata.name.as_deref()?, namespace_is_ambient(ns))))
         .collect();
 
+    let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = view
+        .namespaces
+        .iter()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
+        .collect();
+
     let mut data = SourceData::default();
     let mut by_ip: HashMap<IpAddr, String> = HashMap::new();
     let mut pods_by_ns: HashMap<&str, Vec<(&Pod, String)>> = HashMap::new();
@@ -88,6 +95,7 @@ pub fn translate(
         let Some(mut w) = pod_workload(pod, facts, &ambient) else {
             continue;
         };
+        w.waypoint = waypoint::for_workload(pod.metadata.labels.as_ref(), &w.namespace, facts);
         if w.protocol == Protocol::HBONE && captures(pod) {
             w.netns = netns_of(&w).map(Netns::Pod);
         }
@@ -106,6 +114,7 @@ pub fn translate(
         &view.service_entries,
         &view.workload_entries,
         &pods_by_ns,
+        &namespace_labels,
         facts,
         &mut data,
         &mut rejected,
@@ -130,9 +139,16 @@ pub fn translate(
     }
 
     for svc in &view.services {
-        let Some(service) = service_of(svc, facts) else {
+        let Some(mut service) = service_of(svc, facts) else {
             continue;
         };
+        service.waypoint = waypoint::for_service(
+            svc.metadata.labels.as_ref(),
+            namespace_labels.get(service.namespace.as_str()).copied(),
+            &service.namespace,
+            &service.hostname,
+            facts,
+        );
         let key = service.key();
         let spec = svc.spec.as_ref();
         match spec

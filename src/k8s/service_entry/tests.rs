@@ -36,7 +36,15 @@ fn run(
         by_ns.entry("shop").or_default().push((p, uid.clone()));
     }
     let (mut data, mut rejected) = (SourceData::default(), Vec::new());
-    translate(&ses, &wes, &by_ns, &facts(), &mut data, &mut rejected);
+    translate(
+        &ses,
+        &wes,
+        &by_ns,
+        &HashMap::new(),
+        &facts(),
+        &mut data,
+        &mut rejected,
+    );
     (data, rejected)
 }
 
@@ -314,6 +322,7 @@ fn allocation_yields_to_the_user_and_to_istiod_and_can_be_refused() {
     translate(
         &[named("plain", json!({}), json!({}))],
         &[],
+        &HashMap::new(),
         &HashMap::new(),
         &facts,
         &mut off,
