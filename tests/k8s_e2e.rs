@@ -29,7 +29,7 @@ struct MeshCa {
     /// What a node sees: root-cert.pem and nothing else.
     roots_dir: tempfile::TempDir,
     tokens_dir: tempfile::TempDir,
-    _key_dir: tempfile::TempDir,
+    key_dir: tempfile::TempDir,
 }
 
 impl MeshCa {
@@ -72,7 +72,7 @@ impl MeshCa {
             service,
             roots_dir,
             tokens_dir: tempfile::tempdir().unwrap(),
-            _key_dir: key_dir,
+            key_dir,
         }
     }
 
@@ -793,6 +793,142 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
             .expect("delete ServiceEntry");
     }
     drop(node_resolver);
+
+    // A waypoint for the backend service: the test waypoint in b2's namespace (outside the
+    // mesh), behind Service legacy/waypoint. With the service labelled to use it, a1's
+    // connections to the VIP go over HBONE to the waypoint, the VIP as the authority and a1's
+    // identity presented; the waypoint forwards them to b1. Unlabelled, they go direct again.
+    let ca = weft::identity::CertificateAuthority::load(mesh_ca.key_dir.path()).unwrap();
+    let waypoint_addr: SocketAddr = "10.250.2.3:15008".parse().unwrap();
+    let waypoint_id = weft::identity::Identity::new("cluster.local", "legacy", "default");
+    let waypoint = common::waypoint::TestWaypoint::start(
+        &lab.netns_path("b2"),
+        waypoint_addr,
+        &ca,
+        &waypoint_id,
+        "10.250.2.2:8080".parse().unwrap(),
+    )
+    .await;
+    create(
+        &Api::<Service>::namespaced(client.clone(), "legacy"),
+        json!({"metadata": {"name": "waypoint"},
+            "spec": {"selector": {"app": "legacy"}, "ports": [{"name": "mesh", "port": 15008}]}}),
+    )
+    .await;
+    let backend_svc = Api::<Service>::namespaced(client.clone(), "shop");
+    let use_waypoint = |name: Option<&str>| {
+        json!({"metadata": {"labels": {
+            "istio.io/use-waypoint": name,
+            "istio.io/use-waypoint-namespace": name.map(|_| "legacy"),
+        }}})
+    };
+    backend_svc
+        .patch(
+            "backend",
+            &PatchParams::default(),
+            &Patch::Merge(use_waypoint(Some("waypoint"))),
+        )
+        .await
+        .expect("label the service");
+    eventually("node a routes backend through its waypoint", || {
+        let snap = a.ctx.state.snapshot();
+        let routed = snap
+            .services_by_hostname("backend.shop.svc.cluster.local")
+            .any(|s| s.waypoint.is_some())
+            && snap
+                .services_by_hostname("waypoint.legacy.svc.cluster.local")
+                .any(|s| snap.healthy_endpoints(&s.key()).count() == 1);
+        routed
+    })
+    .await;
+    while b1.peers.try_recv().is_ok() {}
+    for i in 0..3 {
+        assert_eq!(
+            lab.send("a1", &vip, 80, &format!("wp-{i}")),
+            Ok(format!("wp-{i}")),
+            "a1 → the service through the waypoint"
+        );
+        assert_eq!(
+            b1.next_peer(),
+            "10.250.2.3",
+            "b1 is reached from the waypoint"
+        );
+    }
+    let seen = waypoint.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for s in &seen {
+        assert_eq!(
+            s.authority,
+            format!("{vip}:80"),
+            "the VIP is the authority: {s:?}"
+        );
+        assert_eq!(
+            s.client, "spiffe://cluster.local/ns/shop/sa/frontend",
+            "a1's identity: {s:?}"
+        );
+        assert!(
+            s.forwarded.starts_with("for=\"10.250.1.2:")
+                && s.forwarded
+                    .ends_with(";host=backend.shop.svc.cluster.local"),
+            "forwarded names a1 and the service: {s:?}"
+        );
+    }
+    assert_eq!(
+        waypoint
+            .handshakes
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the three streams share one pooled connection"
+    );
+    let m = scrape(a.metrics_addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            OPENED,
+            &[
+                "reporter=\"source\"",
+                "destination_workload=\"b2\"",
+                "destination_service=\"backend.shop.svc.cluster.local\"",
+                "connection_security_policy=\"mutual_tls\"",
+            ],
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    // A waypoint that presents another identity than its workload's is refused.
+    drop(waypoint);
+    let impostor = common::waypoint::TestWaypoint::start(
+        &lab.netns_path("b2"),
+        waypoint_addr,
+        &ca,
+        &weft::identity::Identity::new("cluster.local", "legacy", "impostor"),
+        "10.250.2.2:8080".parse().unwrap(),
+    )
+    .await;
+    assert!(
+        lab.send("a1", &vip, 80, "to-impostor").is_err(),
+        "a waypoint with the wrong identity is refused"
+    );
+    assert!(impostor.seen().is_empty(), "nothing was sent to it");
+    drop(impostor);
+    backend_svc
+        .patch(
+            "backend",
+            &PatchParams::default(),
+            &Patch::Merge(use_waypoint(None)),
+        )
+        .await
+        .expect("unlabel the service");
+    eventually("node a routes backend directly again", || {
+        let snap = a.ctx.state.snapshot();
+        let direct = snap
+            .services_by_hostname("backend.shop.svc.cluster.local")
+            .all(|s| s.waypoint.is_none());
+        direct
+    })
+    .await;
+    assert_eq!(lab.send("a1", &vip, 80, "direct"), Ok("direct".into()));
+    assert_eq!(b1.next_peer(), "10.250.1.2", "direct again: b1 sees a1");
 
     assert_eq!(lab.ruleset("a1").as_deref(), Some(a1_rules.as_str()));
     assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 1);

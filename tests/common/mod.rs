@@ -9,6 +9,7 @@ pub mod istio;
 pub mod istio_cni;
 pub mod lab;
 pub mod raw_hbone;
+pub mod waypoint;
 pub mod weft_process;
 
 use std::io::Write;
