@@ -206,8 +206,13 @@ impl Outbound {
     }
 
     /// The route to an endpoint known only by its hostname, once weft's own resolvers have
-    /// answered (within the connect timeout).
+    /// answered (within the connect timeout). A lookup is part of connecting: it takes room in
+    /// the pod's connect budget while it runs, so a flood of them is bounded like connects.
     async fn resolve(&self, source: &Workload, pending: Unresolved) -> Result<Route, RouteError> {
+        let _permit = self
+            .budget
+            .start()
+            .map_err(|limit| pending.failed(format!("limit {limit} reached")))?;
         self.ctx
             .metrics
             .dns
