@@ -616,16 +616,8 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     })
     .await;
     let udp = common::dns::pod_udp(&lab.netns_path("a1"), "10.250.2.3:53");
-    let (answer, _) = common::dns::ask_udp(
-        &udp,
-        0x5e,
-        "db.example.internal.",
-        hickory_proto::rr::RecordType::A,
-        Duration::from_secs(3),
-    )
-    .expect("a1's DNS proxy answers");
     assert_eq!(
-        common::dns::a_records(&answer),
+        common::dns::resolve_a(&udp, 0x5e, "db.example.internal."),
         ["240.240.0.5"],
         "the entry's host through a1's DNS proxy"
     );
@@ -713,15 +705,7 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
             .any(|s| s.passthrough)
     })
     .await;
-    let (answer, _) = common::dns::ask_udp(
-        &udp,
-        0x5f,
-        "pg.external.test.",
-        hickory_proto::rr::RecordType::A,
-        Duration::from_secs(3),
-    )
-    .expect("a1's DNS proxy answers");
-    let pg_vips = common::dns::a_records(&answer);
+    let pg_vips = common::dns::resolve_a(&udp, 0x5f, "pg.external.test.");
     let [pg_vip] = &pg_vips[..] else {
         panic!("one allocated address for the host, got {pg_vips:?}")
     };
@@ -896,7 +880,7 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         "{m}"
     );
     // A waypoint that presents another identity than its workload's is refused.
-    drop(waypoint);
+    waypoint.stop().await;
     let impostor = common::waypoint::TestWaypoint::start(
         &lab.netns_path("b2"),
         waypoint_addr,
@@ -910,7 +894,7 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         "a waypoint with the wrong identity is refused"
     );
     assert!(impostor.seen().is_empty(), "nothing was sent to it");
-    drop(impostor);
+    impostor.stop().await;
     backend_svc
         .patch(
             "backend",

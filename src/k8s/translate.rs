@@ -41,6 +41,20 @@ pub struct ClusterFacts {
     pub auto_allocate_vips: bool,
 }
 
+#[cfg(test)]
+impl ClusterFacts {
+    /// The facts of a default Istio cluster, for the translation's unit tests.
+    pub fn for_tests() -> ClusterFacts {
+        ClusterFacts {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            auto_allocate_vips: true,
+        }
+    }
+}
+
 /// Everything the watches hold at one moment.
 #[derive(Default)]
 pub struct ClusterView {
@@ -539,13 +553,7 @@ mod tests {
     use serde_json::json;
 
     fn facts() -> ClusterFacts {
-        ClusterFacts {
-            trust_domain: "cluster.local".into(),
-            cluster_id: "Kubernetes".into(),
-            domain_suffix: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            auto_allocate_vips: true,
-        }
+        ClusterFacts::for_tests()
     }
 
     fn obj<T: serde::de::DeserializeOwned>(v: Value) -> Arc<T> {

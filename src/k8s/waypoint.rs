@@ -74,13 +74,7 @@ mod tests {
     use super::*;
 
     fn facts() -> ClusterFacts {
-        ClusterFacts {
-            trust_domain: "cluster.local".into(),
-            cluster_id: "Kubernetes".into(),
-            domain_suffix: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            auto_allocate_vips: true,
-        }
+        ClusterFacts::for_tests()
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {

@@ -50,6 +50,13 @@ pub fn ask_udp(
     }
 }
 
+/// The A records of the answer to one query for `qname`, which must come within 3 s.
+pub fn resolve_a(s: &UdpSocket, id: u16, qname: &str) -> Vec<String> {
+    let (answer, _) = ask_udp(s, id, qname, RecordType::A, Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("no answer for {qname} within 3 s"));
+    a_records(&answer)
+}
+
 pub fn a_records(m: &Message) -> Vec<String> {
     m.answers()
         .iter()

@@ -30,6 +30,7 @@ pub struct TestWaypoint {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// TLS handshakes completed (connections, not streams).
     pub handshakes: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -79,10 +80,22 @@ impl TestWaypoint {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let handshakes = Arc::new(AtomicUsize::new(0));
         let (seen2, handshakes2) = (seen.clone(), handshakes.clone());
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             // Owned by this task: aborting it (drop) closes every connection too.
             let mut connections = tokio::task::JoinSet::new();
-            while let Ok((tcp, _)) = listener.accept().await {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = &mut stop_rx => {
+                        // Every connection closed before `stop` returns.
+                        connections.shutdown().await;
+                        return;
+                    }
+                };
+                let Ok((tcp, _)) = accepted else {
+                    return;
+                };
                 let (acceptor, seen, handshakes, netns) = (
                     acceptor.clone(),
                     seen2.clone(),
@@ -132,8 +145,18 @@ impl TestWaypoint {
         TestWaypoint {
             seen,
             handshakes,
+            stop: Some(stop_tx),
             task,
         }
+    }
+
+    /// Stops it and waits until its listener and every connection are closed (dropping it
+    /// only asks the runtime to, so its port and connections may outlive the drop a moment).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
     }
 
     pub fn seen(&self) -> Vec<Seen> {

@@ -6,13 +6,7 @@ use super::*;
 use crate::state::ServiceKey;
 
 fn facts() -> ClusterFacts {
-    ClusterFacts {
-        trust_domain: "cluster.local".into(),
-        cluster_id: "Kubernetes".into(),
-        domain_suffix: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
-        auto_allocate_vips: true,
-    }
+    ClusterFacts::for_tests()
 }
 
 fn obj(v: serde_json::Value) -> Arc<DynamicObject> {
