@@ -174,6 +174,11 @@ pub struct Settings {
     pub node_bind: IpAddr,
     /// Connect to apps with the client's own source IP (needs IP_TRANSPARENT / CAP_NET_ADMIN).
     pub preserve_source_ip: bool,
+    /// Share inner tunnels of double HBONE between connections with the same source,
+    /// destination identities, gateway and service (a second connection costs no handshake,
+    /// but all of them reach the endpoint the gateway picked for the first). Off: one inner
+    /// connection per client connection, each balanced by the gateway, as ztunnel does.
+    pub pool_cross_network: bool,
     /// How long the metric series of a workload that is gone stay exported.
     pub metrics_retention: Duration,
     pub dns: Dns,
@@ -194,6 +199,7 @@ impl Default for Settings {
             limits: Limits::default(),
             node_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             preserve_source_ip: true,
+            pool_cross_network: true,
             metrics_retention: Duration::from_secs(300),
             dns: Dns::default(),
         }

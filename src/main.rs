@@ -281,6 +281,10 @@ struct RunArgs {
     /// Connections to apps keep the client's source IP (needs CAP_NET_ADMIN).
     #[arg(long, env = "WEFT_PRESERVE_SOURCE_IP", default_value_t = true, action = clap::ArgAction::Set)]
     preserve_source_ip: bool,
+    /// Share the inner tunnels of cross-network (double HBONE) connections, as for any other
+    /// tunnel; false makes one per connection, each balanced by the remote gateway.
+    #[arg(long, env = "WEFT_POOL_CROSS_NETWORK", default_value_t = true, action = clap::ArgAction::Set)]
+    pool_cross_network: bool,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
     /// Seconds live connections get to finish on shutdown.
@@ -486,6 +490,7 @@ impl RunArgs {
             cert_ttl: Duration::from_secs(self.cert_ttl_seconds),
             node_bind: self.node_bind,
             preserve_source_ip: self.preserve_source_ip,
+            pool_cross_network: self.pool_cross_network,
             limits: self.limits.limits(),
             metrics_retention: Duration::from_secs(self.metrics_retention_seconds),
             dns: Dns {

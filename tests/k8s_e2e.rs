@@ -16,7 +16,8 @@ use kube::Client;
 use serde_json::{json, Value};
 
 use common::apiserver::ApiServer;
-use common::lab::Lab;
+use common::hbone_hop::Upstream;
+use common::lab::{self, Lab};
 use common::*;
 use weft::k8s::KubeSettings;
 use weft::node::{Node, Sources};
@@ -302,6 +303,212 @@ async fn eventually_send(lab: &Lab, from: &str, to: &str, port: u16, want_ok: bo
         "{from} -> {to}:{port} never became {}",
         if want_ok { "allowed" } else { "denied" }
     );
+}
+
+/// The weft metric `weft_hbone_handshakes_total{direction}` of a node.
+async fn handshakes(metrics: SocketAddr, direction: &str) -> f64 {
+    let want = format!("direction=\"{direction}\"");
+    metric(
+        &scrape(metrics).await,
+        "weft_hbone_handshakes_total",
+        &[&want],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Two networks in the lab: b1 labelled onto network `west`, a1 onto `east`. West's
+/// east-west gateway is the test hop in b2's namespace, behind Service legacy/eastwest
+/// (labelled with the network, an HBONE port, b2's address as its external IP); it forwards a
+/// CONNECT for the backend service to b1's HBONE port untouched. a1's connections to the
+/// backend VIP then go in double HBONE: the outer CONNECT to the gateway, the inner one with
+/// a1's identity to b1's weft, both pooled.
+async fn cross_network(
+    lab: &Lab,
+    client: &Client,
+    a: &Node,
+    b: &Node,
+    b1: &lab::AppServer,
+    ca: &weft::identity::CertificateAuthority,
+    vip: &str,
+) {
+    let gateway_addr: SocketAddr = "10.250.2.3:15008".parse().unwrap();
+    let route = Upstream::ByAuthority(vec![(
+        "backend.shop.svc.cluster.local:80".into(),
+        "10.250.2.2:15008".parse().unwrap(),
+    )]);
+    let gateway = common::hbone_hop::TestHop::start(
+        &lab.netns_path("b2"),
+        gateway_addr,
+        ca,
+        &weft::identity::Identity::new("cluster.local", "legacy", "default"),
+        route.clone(),
+    )
+    .await;
+    let gateway_svc = create(
+        &Api::<Service>::namespaced(client.clone(), "legacy"),
+        json!({"metadata": {"name": "eastwest", "labels": {"topology.istio.io/network": "west"}},
+            "spec": {"selector": {"app": "legacy"}, "externalIPs": ["10.250.2.3"],
+                     "ports": [{"name": "tls-hbone", "port": 15008}]}}),
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), "shop");
+    let on_network =
+        |n: Option<&str>| json!({"metadata": {"labels": {"topology.istio.io/network": n}}});
+    for (pod, network) in [("a1", "east"), ("b1", "west")] {
+        pods.patch(
+            pod,
+            &PatchParams::default(),
+            &Patch::Merge(on_network(Some(network))),
+        )
+        .await
+        .expect("label the pod's network");
+    }
+    let b1_ip: std::net::IpAddr = "10.250.2.2".parse().unwrap();
+    let a1_ip: std::net::IpAddr = "10.250.1.2".parse().unwrap();
+    let sees_two_networks = |node: &Node| {
+        let snap = node.ctx.state.snapshot();
+        let b1_west = snap
+            .workload_by_ip(b1_ip)
+            .is_some_and(|w| w.network == "west" && w.network_gateway.is_some());
+        let a1_east = snap
+            .workload_by_ip(a1_ip)
+            .is_some_and(|w| w.network == "east");
+        let gateway_known = snap.service_by_vip(gateway_addr.ip()).is_some();
+        b1_west && a1_east && gateway_known
+    };
+    eventually("both nodes see two networks and west's gateway", || {
+        sees_two_networks(a) && sees_two_networks(b)
+    })
+    .await;
+
+    let (a_out, b_in) = (
+        handshakes(a.metrics_addr, "outbound").await,
+        handshakes(b.metrics_addr, "inbound").await,
+    );
+    assert_eq!(lab.send("a1", vip, 80, "across"), Ok("across".into()));
+    assert_eq!(
+        b1.next_peer(),
+        "10.250.2.3",
+        "b1 is reached from the gateway"
+    );
+    for i in 0..100 {
+        let msg = format!("across-{i}");
+        assert_eq!(lab.send("a1", vip, 80, &msg), Ok(msg), "connection {i}");
+        assert_eq!(b1.next_peer(), "10.250.2.3");
+    }
+    // The outer CONNECT: to the service by name, a1's identity, the client and the service
+    // in `forwarded`, no network header (that is for the destination).
+    let seen = gateway.seen();
+    assert_eq!(
+        seen.len(),
+        1,
+        "one outer stream carries the one inner connection: {seen:?}"
+    );
+    assert_eq!(seen[0].authority, "backend.shop.svc.cluster.local:80");
+    assert_eq!(seen[0].client, "spiffe://cluster.local/ns/shop/sa/frontend");
+    assert!(
+        seen[0].forwarded.starts_with("for=\"10.250.1.2:")
+            && seen[0]
+                .forwarded
+                .ends_with(";host=backend.shop.svc.cluster.local"),
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].network, None);
+    let ordering = std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(
+        gateway.handshakes.load(ordering),
+        1,
+        "one outer TLS handshake"
+    );
+    assert_eq!(
+        gateway.upstream_connects.load(ordering),
+        1,
+        "one inner connection"
+    );
+    assert_eq!(
+        handshakes(b.metrics_addr, "inbound").await - b_in,
+        1.0,
+        "101 connections cost the destination one handshake"
+    );
+    assert_eq!(
+        handshakes(a.metrics_addr, "outbound").await - a_out,
+        2.0,
+        "and the client two: the outer and the inner"
+    );
+    // The destination saw a1's identity through the gateway and, told by the inner request
+    // that it came from network east, did not take the gateway's address for the source.
+    let m = scrape(b.metrics_addr).await;
+    let through = [
+        "reporter=\"destination\"",
+        "source_workload=\"unknown\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/frontend\"",
+        "destination_workload=\"b1\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(metric(&m, OPENED, &through), Some(101.0), "{m}");
+    let m = scrape(a.metrics_addr).await;
+    // The gateway picks the endpoint: the client knows the service and (all of its endpoints
+    // on west sharing one) the identity, not the workload.
+    let from_a = [
+        "reporter=\"source\"",
+        "source_workload=\"a1\"",
+        "destination_workload=\"unknown\"",
+        "destination_service=\"backend.shop.svc.cluster.local\"",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/backend\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(metric(&m, OPENED, &from_a), Some(101.0), "{m}");
+
+    // A gateway presenting another identity than its service's endpoints is refused.
+    gateway.stop().await;
+    let impostor = common::hbone_hop::TestHop::start(
+        &lab.netns_path("b2"),
+        gateway_addr,
+        ca,
+        &weft::identity::Identity::new("cluster.local", "legacy", "impostor"),
+        route,
+    )
+    .await;
+    assert!(
+        lab.send("a1", vip, 80, "to-impostor").is_err(),
+        "a gateway with the wrong identity is refused"
+    );
+    assert!(impostor.seen().is_empty(), "nothing was sent through it");
+    impostor.stop().await;
+
+    // One network again: direct.
+    for pod in ["a1", "b1"] {
+        pods.patch(
+            pod,
+            &PatchParams::default(),
+            &Patch::Merge(on_network(None)),
+        )
+        .await
+        .expect("unlabel the pod's network");
+    }
+    Api::<Service>::namespaced(client.clone(), "legacy")
+        .delete(
+            gateway_svc.metadata.name.as_deref().unwrap_or("eastwest"),
+            &DeleteParams::default(),
+        )
+        .await
+        .expect("delete the gateway service");
+    eventually("node a sees one network again", || {
+        let snap = a.ctx.state.snapshot();
+        let b1_local = snap
+            .workload_by_ip(b1_ip)
+            .is_some_and(|w| w.network.is_empty());
+        let a1_local = snap
+            .workload_by_ip(a1_ip)
+            .is_some_and(|w| w.network.is_empty());
+        b1_local && a1_local
+    })
+    .await;
+    assert_eq!(
+        lab.send("a1", vip, 80, "one-network"),
+        Ok("one-network".into())
+    );
+    assert_eq!(b1.next_peer(), "10.250.1.2", "direct again: b1 sees a1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -785,12 +992,12 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     let ca = weft::identity::CertificateAuthority::load(mesh_ca.key_dir.path()).unwrap();
     let waypoint_addr: SocketAddr = "10.250.2.3:15008".parse().unwrap();
     let waypoint_id = weft::identity::Identity::new("cluster.local", "legacy", "default");
-    let waypoint = common::waypoint::TestWaypoint::start(
+    let waypoint = common::hbone_hop::TestHop::start(
         &lab.netns_path("b2"),
         waypoint_addr,
         &ca,
         &waypoint_id,
-        "10.250.2.2:8080".parse().unwrap(),
+        Upstream::Fixed("10.250.2.2:8080".parse().unwrap()),
     )
     .await;
     create(
@@ -881,12 +1088,12 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     );
     // A waypoint that presents another identity than its workload's is refused.
     waypoint.stop().await;
-    let impostor = common::waypoint::TestWaypoint::start(
+    let impostor = common::hbone_hop::TestHop::start(
         &lab.netns_path("b2"),
         waypoint_addr,
         &ca,
         &weft::identity::Identity::new("cluster.local", "legacy", "impostor"),
-        "10.250.2.2:8080".parse().unwrap(),
+        Upstream::Fixed("10.250.2.2:8080".parse().unwrap()),
     )
     .await;
     assert!(
@@ -913,6 +1120,8 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     .await;
     assert_eq!(lab.send("a1", &vip, 80, "direct"), Ok("direct".into()));
     assert_eq!(b1.next_peer(), "10.250.1.2", "direct again: b1 sees a1");
+
+    cross_network(&lab, &client, &a, &b, &b1, &ca, &vip).await;
 
     assert_eq!(lab.ruleset("a1").as_deref(), Some(a1_rules.as_str()));
     assert_eq!(lab.ip_rules("a1").matches("fwmark").count(), 1);

@@ -643,13 +643,29 @@ proptest! {
     fn connect_to_the_arrival_address_is_accepted(ip in ip(), port in any::<u16>()) {
         let dest = SocketAddr::new(ip, port);
         let r = connect(Method::CONNECT, &wire::host_port(dest));
-        prop_assert_eq!(wire::validate(&r, ip).ok(), Some(dest));
+        prop_assert_eq!(wire::validate(&r, ip).ok(), Some(dest.into()));
         if let IpAddr::V4(v4) = ip {
-            prop_assert_eq!(wire::validate(&r, IpAddr::V6(v4.to_ipv6_mapped())).ok(), Some(dest));
+            prop_assert_eq!(wire::validate(&r, IpAddr::V6(v4.to_ipv6_mapped())).ok(), Some(dest.into()));
         }
     }
 
-    /// Anything else is a 400: another address, another method, a name, no port.
+    /// A DNS name and a port (double HBONE's authority) is accepted as a service, lowercased;
+    /// what the receiver maps it to is admission's business.
+    #[test]
+    fn connect_to_a_service_name_is_accepted(
+        ip in ip(),
+        host in "[a-zA-Z][a-zA-Z0-9-]{0,8}[a-z](\\.[a-z][a-z0-9]{0,9}){0,3}",
+        port in any::<u16>(),
+    ) {
+        let r = connect(Method::CONNECT, &format!("{host}:{port}"));
+        prop_assert_eq!(
+            wire::validate(&r, ip).ok(),
+            Some(wire::Authority::Service { host: host.to_ascii_lowercase(), port })
+        );
+    }
+
+    /// Anything else is a 400: another address, another method, a name without a port, no
+    /// port.
     #[test]
     fn connect_elsewhere_is_refused_with_400(
         ip in ip(),
@@ -669,7 +685,7 @@ proptest! {
         for r in [
             connect(Method::CONNECT, &wire::host_port(SocketAddr::new(other, port))),
             connect(method.clone(), &dest),
-            connect(Method::CONNECT, &format!("{host}:{port}")),
+            connect(Method::CONNECT, &host),
             connect(Method::CONNECT, &bare),
         ] {
             let e = wire::validate(&r, ip).expect_err("refused");
@@ -688,8 +704,8 @@ proptest! {
         baggage in "\\PC{0,40}",
     ) {
         let (dest, client) = (SocketAddr::new(dest, dport), SocketAddr::new(client, cport));
-        let r = wire::connect_request(&ConnectRequest { authority: dest, client, baggage, service_host: None });
-        prop_assert_eq!(wire::validate(&r, dest.ip()).ok(), Some(dest));
+        let r = wire::connect_request(&ConnectRequest { authority: dest.into(), client, baggage, service_host: None, origin_network: None });
+        prop_assert_eq!(wire::validate(&r, dest.ip()).ok(), Some(dest.into()));
         prop_assert_eq!(wire::forwarded_for(&r), Some(client));
     }
 

@@ -415,10 +415,11 @@ impl FreshTunnel {
         )
         .await?;
         let req = ConnectRequest {
-            authority: self.authority,
+            authority: self.authority.into(),
             client,
             baggage: String::new(),
             service_host: None,
+            origin_network: None,
         };
         let mut stream = open_stream(&conn.sender, &req).await?;
         let want = request.len() - 3;

@@ -213,12 +213,26 @@ pub fn connect_validate(data: &[u8]) {
     }
 
     match wire::validate(&req, arrived_on) {
-        Ok(dest) => {
-            // Accepted only as documented: a CONNECT to `ip:port` of the address it came on.
+        Ok(wire::Authority::Addr(dest)) => {
+            // Accepted only as documented: a CONNECT to `ip:port` of the address it came on,
+            // or to a DNS name and a port.
             assert_eq!(req.method(), Method::CONNECT);
             assert_eq!(canonical(dest.ip()), canonical(arrived_on));
             let authority = req.uri().authority().expect("accepted without authority");
             assert_eq!(authority.as_str().parse::<SocketAddr>().ok(), Some(dest));
+        }
+        Ok(wire::Authority::Service { host, port }) => {
+            assert_eq!(req.method(), Method::CONNECT);
+            let authority = req.uri().authority().expect("accepted without authority");
+            assert!(authority.as_str().parse::<SocketAddr>().is_err());
+            assert_eq!(
+                authority.as_str().to_ascii_lowercase(),
+                format!("{host}:{port}")
+            );
+            assert!(!host.is_empty() && host.parse::<std::net::IpAddr>().is_err());
+            assert!(host
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'));
         }
         Err(refusal) => {
             assert_eq!(refusal.status, StatusCode::BAD_REQUEST);
@@ -237,13 +251,15 @@ pub fn connect_validate(data: &[u8]) {
     let client = SocketAddr::new(r.ip(), r.u16());
     let baggage = String::from_utf8_lossy(r.bytes()).into_owned();
     let service_host = Some(String::from_utf8_lossy(r.bytes()).into_owned());
+    let origin_network = Some(String::from_utf8_lossy(r.bytes()).into_owned());
     let built = wire::connect_request(&ConnectRequest {
-        authority: dest,
+        authority: dest.into(),
         client,
         baggage,
         service_host,
+        origin_network,
     });
-    assert_eq!(wire::validate(&built, dest.ip()).ok(), Some(dest));
+    assert_eq!(wire::validate(&built, dest.ip()).ok(), Some(dest.into()));
     assert_eq!(wire::forwarded_for(&built), Some(client));
 }
 

@@ -10,6 +10,7 @@ use h2::client::SendRequest;
 use http::StatusCode;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
@@ -40,9 +41,25 @@ pub async fn handshake(
     limits: &Limits,
 ) -> Result<TunnelConnection, HboneError> {
     let peer: SocketAddr = tcp.peer_addr().map_err(HboneError::Socket)?;
+    handshake_over(tcp, peer, tls, tuning, limits).await
+}
+
+/// The same over any byte stream: a socket, or an outer CONNECT stream to a network's gateway
+/// (double HBONE). `peer` names the far end in logs and as the TLS server name (weft checks
+/// SPIFFE identities, never the name).
+pub async fn handshake_over<IO>(
+    io: IO,
+    peer: SocketAddr,
+    tls: Arc<ClientConfig>,
+    tuning: &H2Tuning,
+    limits: &Limits,
+) -> Result<TunnelConnection, HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let fut = async {
         let tls_stream = TlsConnector::from(tls)
-            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+            .connect(ServerName::IpAddress(peer.ip().into()), io)
             .await
             .map_err(|source| HboneError::Handshake { peer, source })?;
         let (sender, conn) = h2::client::Builder::new()

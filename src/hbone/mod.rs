@@ -3,6 +3,7 @@
 pub mod client;
 pub mod pool;
 pub mod server;
+pub mod stream_io;
 pub mod tls;
 pub mod verified;
 pub mod wire;
@@ -41,6 +42,8 @@ pub enum HboneError {
     Socket(std::io::Error),
     #[error("every pooled connection filled up before a stream could be opened on it")]
     NoFreeStream,
+    #[error("through the network gateway: {0}")]
+    Gateway(std::sync::Arc<HboneError>),
 }
 
 /// One tunnelled connection: the two halves of an HTTP/2 stream.

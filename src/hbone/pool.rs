@@ -25,7 +25,22 @@ pub struct PoolKey {
     pub source: Identity,
     pub source_ip: IpAddr,
     pub destination: Vec<Identity>,
-    pub target: SocketAddr,
+    pub target: TunnelTarget,
+}
+
+/// Where a pooled connection's TCP (or outer stream) goes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum TunnelTarget {
+    /// A peer's HBONE port.
+    Direct(SocketAddr),
+    /// The inner connection of double HBONE: inside a CONNECT to `authority` through
+    /// `gateway` (which presents one of `gateway_identities`). The gateway chose the endpoint
+    /// when the connection was made; every stream on it goes to that endpoint.
+    ViaGateway {
+        gateway: SocketAddr,
+        gateway_identities: Vec<Identity>,
+        authority: super::wire::Authority,
+    },
 }
 
 /// A pool failure, shared by every caller that waited on the same connect.
@@ -65,6 +80,16 @@ pub struct Lease {
 impl Lease {
     pub fn connection(&self) -> &TunnelConnection {
         &self.conn.conn
+    }
+
+    /// A connection of its own for one stream, in no pool: it closes when the stream ends.
+    pub fn unpooled(conn: TunnelConnection) -> Lease {
+        let pooled = Pooled::new(conn);
+        pooled.streams.store(1, Ordering::Release);
+        Lease {
+            conn: Arc::new(pooled),
+            epoch: Instant::now(),
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub struct ServeOptions {
     pub tuning: H2Tuning,
     pub limits: Limits,
     pub reports: Arc<LimitReports>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The streams in flight on one connection, and since when it has had none.
@@ -77,12 +78,13 @@ impl TunnelPeer {
     }
 }
 
-/// Handles one validated CONNECT stream. `dest` is the `ip:port` the client asked for.
+/// Handles one validated CONNECT stream. `dest` is what the client asked for: an `ip:port`
+/// on the address the tunnel arrived on, or a service hostname and port.
 pub trait StreamHandler: Send + Sync + 'static {
     fn handle(
         self: Arc<Self>,
         peer: Arc<TunnelPeer>,
-        dest: SocketAddr,
+        dest: wire::Authority,
         req: Request<h2::RecvStream>,
         respond: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send;
@@ -115,6 +117,7 @@ pub async fn serve<H: StreamHandler>(
             .accept(tcp)
             .await
             .map_err(|source| HboneError::Handshake { peer: addr, source })?;
+        options.metrics.handshake_completed("inbound");
         let identities = peer_identities(tls.get_ref().1.peer_certificates());
         let conn = h2::server::Builder::new()
             .initial_window_size(tuning.stream_window)

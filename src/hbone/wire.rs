@@ -1,16 +1,55 @@
 //! The HBONE request on the wire: an HTTP/2 CONNECT whose `:authority` is the destination
-//! `ip:port`, plus `forwarded`, `baggage` and `traceparent` headers. One place builds it and one
-//! place checks it.
+//! (`ip:port`, or `<service hostname>:<port>` across networks), plus `forwarded`, `baggage`,
+//! `traceparent` and, on the inner request of double HBONE, `x-forwarded-network`. One place
+//! builds it and one place checks it.
 
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderValue, Method, Request, StatusCode};
 
+/// The header naming the network a double-HBONE connection came from (ztunnel's name); set
+/// on the inner request only, so the destination knows its transport peer is a gateway.
+pub const ORIGIN_NETWORK_HEADER: &str = "x-forwarded-network";
+
+/// Where a CONNECT asks to go.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Authority {
+    /// `<pod ip>:<app port>`: the address the tunnel arrives on, and a port.
+    Addr(SocketAddr),
+    /// `<service hostname>:<service port>`: double HBONE, where the sender does not know
+    /// which endpoint the remote network's gateway picks; the receiver maps the service port.
+    Service { host: String, port: u16 },
+}
+
+impl Authority {
+    pub fn port(&self) -> u16 {
+        match self {
+            Authority::Addr(a) => a.port(),
+            Authority::Service { port, .. } => *port,
+        }
+    }
+}
+
+impl std::fmt::Display for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Authority::Addr(a) => f.write_str(&host_port(*a)),
+            Authority::Service { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for Authority {
+    fn from(a: SocketAddr) -> Self {
+        Authority::Addr(a)
+    }
+}
+
 /// What a client says about the connection it is tunnelling.
 #[derive(Clone, Debug)]
 pub struct ConnectRequest {
-    /// The destination the tunnel should reach: `<pod ip>:<app port>`.
-    pub authority: SocketAddr,
+    /// The destination the tunnel should reach.
+    pub authority: Authority,
     /// The original client address, for `forwarded: for=`.
     pub client: SocketAddr,
     /// W3C baggage with the source's metadata.
@@ -18,6 +57,8 @@ pub struct ConnectRequest {
     /// The hostname of the service the client addressed, when it addressed one: sent as
     /// `forwarded: ...;host=` (as ztunnel sends it; a waypoint picks the service by it).
     pub service_host: Option<String>,
+    /// The client's network, on the inner request of double HBONE.
+    pub origin_network: Option<String>,
 }
 
 /// A request the server refuses before doing anything, with the status that says why.
@@ -56,9 +97,10 @@ fn traceparent() -> String {
 pub fn connect_request(req: &ConnectRequest) -> Request<()> {
     let mut r = Request::new(());
     *r.method_mut() = Method::CONNECT;
-    // An authority-form URI: never fails for a formatted socket address.
+    // An authority-form URI: never fails for a formatted socket address; a service hostname
+    // comes from the control plane and was checked as a DNS name there.
     *r.uri_mut() = http::Uri::builder()
-        .authority(host_port(req.authority))
+        .authority(req.authority.to_string())
         .build()
         .unwrap_or_default();
     let h = r.headers_mut();
@@ -78,12 +120,20 @@ pub fn connect_request(req: &ConnectRequest) -> Request<()> {
     if let Ok(v) = HeaderValue::from_str(&traceparent()) {
         h.insert("traceparent", v);
     }
+    if let Some(v) = req
+        .origin_network
+        .as_deref()
+        .and_then(|n| HeaderValue::from_str(n).ok())
+    {
+        h.insert(ORIGIN_NETWORK_HEADER, v);
+    }
     r
 }
 
-/// Checks an incoming request: CONNECT, an `ip:port` authority, and that ip is the address the
-/// tunnel arrived on (a pod only tunnels to itself). Returns the destination.
-pub fn validate<B>(req: &Request<B>, arrived_on: IpAddr) -> Result<SocketAddr, Refusal> {
+/// Checks an incoming request: CONNECT, and an authority that is either `ip:port` with the
+/// address the tunnel arrived on (a pod only tunnels to itself) or a DNS name and a port (a
+/// service, mapped by the receiver to the pod's port). Returns the destination.
+pub fn validate<B>(req: &Request<B>, arrived_on: IpAddr) -> Result<Authority, Refusal> {
     if req.method() != Method::CONNECT {
         return Err(Refusal::bad_request(format!(
             "method {} is not CONNECT",
@@ -94,15 +144,52 @@ pub fn validate<B>(req: &Request<B>, arrived_on: IpAddr) -> Result<SocketAddr, R
         .uri()
         .authority()
         .ok_or_else(|| Refusal::bad_request("CONNECT without :authority"))?;
-    let dest: SocketAddr = authority.as_str().parse().map_err(|_| {
-        Refusal::bad_request(format!("authority {:?} is not ip:port", authority.as_str()))
-    })?;
+    let not_valid = || {
+        Refusal::bad_request(format!(
+            "authority {:?} is neither ip:port nor hostname:port",
+            authority.as_str()
+        ))
+    };
+    let Ok(dest) = authority.as_str().parse::<SocketAddr>() else {
+        let (host, port) = authority.as_str().rsplit_once(':').ok_or_else(not_valid)?;
+        let port: u16 = port.parse().map_err(|_| not_valid())?;
+        if !is_dns_name(host) {
+            return Err(not_valid());
+        }
+        return Ok(Authority::Service {
+            host: host.to_ascii_lowercase(),
+            port,
+        });
+    };
     if canonical(dest.ip()) != canonical(arrived_on) {
         return Err(Refusal::bad_request(format!(
             "authority {dest} does not match the address the tunnel arrived on ({arrived_on})"
         )));
     }
-    Ok(dest)
+    Ok(Authority::Addr(dest))
+}
+
+/// A DNS name as a service hostname is one: dot-separated labels of letters, digits and
+/// inner hyphens, not all digits (so a mistyped address is not taken for a name).
+fn is_dns_name(host: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    host.len() <= 253
+        && host.split('.').all(label_ok)
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// The network a double-HBONE request says it came from.
+pub fn origin_network<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(ORIGIN_NETWORK_HEADER)?
+        .to_str()
+        .ok()
+        .filter(|n| !n.is_empty())
 }
 
 /// IPv4-mapped IPv6 (from a dual-stack listener) compares equal to the IPv4 address.
@@ -145,7 +232,7 @@ mod tests {
     fn accepts_matching_connect() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let d = validate(&req(Method::CONNECT, "10.0.0.1:80"), ip).unwrap();
-        assert_eq!(d, "10.0.0.1:80".parse().unwrap());
+        assert_eq!(d, Authority::Addr("10.0.0.1:80".parse().unwrap()));
         let v6: IpAddr = "fd00::1".parse().unwrap();
         assert!(validate(&req(Method::CONNECT, "[fd00::1]:80"), v6).is_ok());
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
@@ -158,7 +245,10 @@ mod tests {
         for r in [
             req(Method::GET, "10.0.0.1:80"),
             req(Method::CONNECT, "10.0.0.2:80"),
-            req(Method::CONNECT, "example.com:80"),
+            req(Method::CONNECT, "example.com"),
+            req(Method::CONNECT, "example.com:http"),
+            req(Method::CONNECT, "-bad-.example.com:80"),
+            req(Method::CONNECT, "10.0.0.300:80"),
             req(Method::CONNECT, "10.0.0.1"),
         ] {
             assert_eq!(
@@ -169,13 +259,41 @@ mod tests {
     }
 
     #[test]
+    fn accepts_a_service_hostname_for_double_hbone() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let d = validate(&req(Method::CONNECT, "Web.Shop.svc.cluster.local:80"), ip).unwrap();
+        assert_eq!(
+            d,
+            Authority::Service {
+                host: "web.shop.svc.cluster.local".into(),
+                port: 80
+            }
+        );
+        let r = connect_request(&ConnectRequest {
+            authority: d.clone(),
+            client: "10.0.0.9:5555".parse().unwrap(),
+            baggage: String::new(),
+            service_host: Some("web.shop.svc.cluster.local".into()),
+            origin_network: Some("east".into()),
+        });
+        assert_eq!(
+            r.uri().authority().unwrap().as_str(),
+            "web.shop.svc.cluster.local:80"
+        );
+        assert_eq!(origin_network(&r), Some("east"));
+        assert_eq!(validate(&r, "10.9.9.9".parse().unwrap()).unwrap(), d);
+    }
+
+    #[test]
     fn request_has_wire_headers() {
         let r = connect_request(&ConnectRequest {
-            authority: "[fd00::2]:8080".parse().unwrap(),
+            authority: Authority::Addr("[fd00::2]:8080".parse().unwrap()),
             client: "10.0.0.9:5555".parse().unwrap(),
             baggage: baggage("c", "ns", "w", "a", "v"),
             service_host: Some("web.shop.svc.cluster.local".into()),
+            origin_network: None,
         });
+        assert!(r.headers().get(ORIGIN_NETWORK_HEADER).is_none());
         assert_eq!(
             r.headers()["forwarded"],
             "for=\"10.0.0.9:5555\";host=web.shop.svc.cluster.local"

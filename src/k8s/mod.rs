@@ -9,6 +9,7 @@
 //! any change. Recomputing from the full copies, never patching by event, is what makes a
 //! re-list land on exactly the same state: no duplicate captures, no forgotten pods.
 
+pub mod network;
 pub mod service_entry;
 pub mod translate;
 pub mod waypoint;

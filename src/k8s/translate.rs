@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::DynamicObject;
 use serde_json::Value;
 
-use super::waypoint;
+use super::{network, waypoint};
 use crate::authz::peer_authn::{self, PeerAuthns};
 use crate::authz::{self, Policy};
 use crate::state::{HealthStatus, Netns, Protocol, Service, ServiceKey, SourceData, Workload};
@@ -102,6 +102,9 @@ pub fn translate(
         .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
         .collect();
 
+    let gateways = network::Gateways::from_services(&view.services);
+    let system_labels = namespace_labels.get(facts.root_namespace.as_str()).copied();
+
     let mut data = SourceData::default();
     let mut by_ip: HashMap<IpAddr, String> = HashMap::new();
     let mut pods_by_ns: HashMap<&str, Vec<(&Pod, String)>> = HashMap::new();
@@ -110,6 +113,11 @@ pub fn translate(
             continue;
         };
         w.waypoint = waypoint::for_workload(pod.metadata.labels.as_ref(), &w.namespace, facts);
+        w.network = network::of_pod(
+            pod.metadata.labels.as_ref(),
+            namespace_labels.get(w.namespace.as_str()).copied(),
+            system_labels,
+        );
         if w.protocol == Protocol::HBONE && captures(pod) {
             w.netns = netns_of(&w).map(Netns::Pod);
         }
@@ -163,6 +171,11 @@ pub fn translate(
             &service.hostname,
             facts,
         );
+        for ip in gateways.addresses_of(&service.namespace, &service.name) {
+            if !service.vips.contains(&ip) {
+                service.vips.push(ip);
+            }
+        }
         let key = service.key();
         let spec = svc.spec.as_ref();
         match spec
@@ -235,6 +248,13 @@ pub fn translate(
         w.authorization_policies = peer_authns.policy_keys(&w.namespace, &w.labels);
     }
     data.policies.extend(peer_authns.derived_policies());
+    // As istiod sends them: every workload of a network with a gateway names it (a client on
+    // the same network never uses it).
+    for w in &mut data.workloads {
+        if w.network_gateway.is_none() {
+            w.network_gateway = gateways.for_network(&w.network);
+        }
+    }
     Translated { data, rejected }
 }
 
@@ -635,6 +655,65 @@ mod tests {
             (w["d"].protocol, &w["d"].netns),
             (Protocol::TCP, &None),
             "namespace not ambient"
+        );
+    }
+
+    #[test]
+    fn networks_come_from_labels_and_each_names_its_gateway() {
+        let mut system = (*ns("istio-system", None)).clone();
+        system.metadata.labels = Some(BTreeMap::from([(
+            network::NETWORK_LABEL.into(),
+            "east".into(),
+        )]));
+        let gateway: Arc<K8sService> = obj(json!({
+            "metadata": {"name": "eastwest", "namespace": "istio-system",
+                         "labels": {network::NETWORK_LABEL: "west"}},
+            "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "eastwest"},
+                     "ports": [{"port": 15008}], "externalIPs": ["192.0.2.7"]}
+        }));
+        let view = ClusterView {
+            namespaces: vec![Arc::new(system), ns("shop", Some("ambient"))],
+            pods: vec![
+                pod("shop", "a", "10.0.0.1", "n1", json!({})),
+                pod(
+                    "shop",
+                    "b",
+                    "10.0.0.2",
+                    "n2",
+                    json!({network::NETWORK_LABEL: "west"}),
+                ),
+            ],
+            services: vec![gateway],
+            ..Default::default()
+        };
+        let t = run(&view);
+        let w: HashMap<_, _> = t
+            .data
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w))
+            .collect();
+        assert_eq!(w["a"].network, "east", "the cluster's network");
+        assert_eq!(w["a"].network_gateway, None, "east has no gateway");
+        assert_eq!(w["b"].network, "west", "the pod's own label");
+        assert_eq!(
+            w["b"].network_gateway,
+            Some(crate::state::GatewayAddress {
+                destination: crate::state::GatewayDestination::Address {
+                    network: "west".into(),
+                    address: "192.0.2.7".parse().unwrap(),
+                },
+                hbone_mtls_port: 15008,
+            })
+        );
+        // The gateway's reachable address is one of its service's VIPs, so routing finds its
+        // instances (and their identities) from it.
+        assert_eq!(
+            t.data.services[0].vips,
+            vec![
+                "10.96.0.20".parse::<IpAddr>().unwrap(),
+                "192.0.2.7".parse().unwrap()
+            ]
         );
     }
 

@@ -63,6 +63,14 @@ pub struct LimitLabels {
     pub limit: &'static str,
 }
 
+/// Which side of an HBONE TLS handshake weft was on.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` (weft served it) or `outbound` (weft opened it; a double-HBONE connection
+    /// counts its outer and its inner handshake).
+    pub direction: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     pub identity: String,
@@ -93,6 +101,8 @@ pub struct Metrics {
     pub limits_reached: Family<LimitLabels, Counter>,
     /// HBONE connections held now.
     pub hbone_connections: Gauge,
+    /// Completed HBONE TLS handshakes: what pooling saves.
+    pub hbone_handshakes: Family<HandshakeLabels, Counter>,
     /// Proxied connections (either direction) open now: what a drain waits for.
     pub live_connections: Gauge,
     /// The DNS proxy's families.
@@ -113,6 +123,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one completed HBONE handshake (`inbound` or `outbound`).
+    pub fn handshake_completed(&self, direction: &'static str) {
+        self.hbone_handshakes
+            .get_or_create(&HandshakeLabels { direction })
+            .inc();
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
@@ -134,6 +151,7 @@ impl Metrics {
             xds_rejected: Family::default(),
             limits_reached: Family::default(),
             hbone_connections: Gauge::default(),
+            hbone_handshakes: Family::default(),
             live_connections: Gauge::default(),
             dns: Default::default(),
             scrape: Mutex::new(()),
@@ -226,6 +244,11 @@ impl Metrics {
             "hbone_connections",
             "Inbound HBONE connections held now",
             m.hbone_connections.clone(),
+        );
+        weft.register(
+            "hbone_handshakes",
+            "HBONE TLS handshakes completed, inbound (served) and outbound (opened)",
+            m.hbone_handshakes.clone(),
         );
         weft.register(
             "connections_active",

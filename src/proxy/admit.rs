@@ -30,6 +30,8 @@ pub enum Refusal {
     OwnPort(SocketAddr),
     #[error("no workload has address {0}")]
     UnknownDestination(IpAddr),
+    #[error("{authority} names no service that workload {workload} serves on that port")]
+    NoSuchService { authority: String, workload: String },
     #[error(transparent)]
     Denied(Denial),
     #[error("limit {0} reached")]
@@ -44,7 +46,7 @@ impl Refusal {
     /// The answer to an HBONE peer.
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::OwnPort(_) => StatusCode::BAD_REQUEST,
+            Refusal::OwnPort(_) | Refusal::NoSuchService { .. } => StatusCode::BAD_REQUEST,
             Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
             Refusal::UnknownDestination(_)
             | Refusal::Limit(_)
@@ -69,8 +71,60 @@ pub struct Caller<'a> {
     pub claimed: Option<SocketAddr>,
     /// Proven by mTLS; none for plaintext.
     pub identity: Option<&'a Identity>,
-    /// Where the connection is headed (an app's address and port).
-    pub dest: SocketAddr,
+    /// Where the connection is headed: an app's address and port, or (double HBONE) a
+    /// service hostname and port, which the pod that has `arrived_on` serves.
+    pub dest: wire::Authority,
+    pub arrived_on: IpAddr,
+    /// The network the client says it is on (double HBONE's inner request). When it is not
+    /// the destination's, the transport peer is that network's gateway, not the client: the
+    /// source workload is not looked up by the peer's address.
+    pub origin_network: Option<&'a str>,
+}
+
+impl Caller<'_> {
+    /// A plaintext or HBONE caller asking for an address.
+    pub fn to_addr(peer: SocketAddr, dest: SocketAddr) -> Self {
+        Caller {
+            peer,
+            claimed: None,
+            identity: None,
+            dest: wire::Authority::Addr(dest),
+            arrived_on: dest.ip(),
+            origin_network: None,
+        }
+    }
+}
+
+/// The app address a request for `authority` goes to in `dst`: the address as asked, or for a
+/// service hostname the pod's port for that service port (its endpoint's mapping, else the
+/// service's). A hostname of a service the pod is no endpoint of is refused.
+fn app_address(
+    snap: &crate::state::Snapshot,
+    dst: Option<&crate::state::Workload>,
+    authority: &wire::Authority,
+    arrived_on: IpAddr,
+) -> Result<SocketAddr, Refusal> {
+    let (host, port) = match authority {
+        wire::Authority::Addr(a) => return Ok(*a),
+        wire::Authority::Service { host, port } => (host, *port),
+    };
+    let dst = dst.ok_or(Refusal::UnknownDestination(arrived_on))?;
+    let refused = || Refusal::NoSuchService {
+        authority: authority.to_string(),
+        workload: dst.uid.clone(),
+    };
+    let mut services: Vec<_> = snap.services_by_hostname(host).collect();
+    // The pod's own namespace first, as a name resolves there first.
+    services.sort_by_key(|s| s.namespace != dst.namespace);
+    services
+        .into_iter()
+        .filter(|s| s.ports.contains_key(&port))
+        .find_map(|s| {
+            snap.healthy_endpoints(&s.key())
+                .find(|e| e.workload.uid == dst.uid)
+                .map(|e| SocketAddr::new(arrived_on, e.target_port(s, port)))
+        })
+        .ok_or_else(refused)
 }
 
 /// An admitted connection: the app is connected and the connection is tracked for policy.
@@ -92,8 +146,19 @@ impl InboundDoor {
     pub async fn admit(&self, caller: Caller<'_>) -> (ConnectionGuard, Result<Admitted, Refusal>) {
         let client_ip = wire::canonical(caller.peer.ip());
         let snap = self.ctx.state.snapshot();
-        let dst = snap.workload_by_ip(caller.dest.ip()).cloned();
-        let src = snap.workload_by_ip(client_ip).cloned();
+        let dst = snap.workload_by_ip(caller.arrived_on).cloned();
+        let via_gateway = caller
+            .origin_network
+            .is_some_and(|n| dst.as_ref().is_none_or(|d| d.network != n));
+        let src = if via_gateway {
+            None
+        } else {
+            snap.workload_by_ip(client_ip).cloned()
+        };
+        let app = app_address(&snap, dst.as_deref(), &caller.dest, caller.arrived_on);
+        let dest = *app
+            .as_ref()
+            .unwrap_or(&SocketAddr::new(caller.arrived_on, caller.dest.port()));
         let dst_identity = dst.as_ref().map(|d| d.identity());
         let dst_svc = dst
             .as_ref()
@@ -109,32 +174,33 @@ impl InboundDoor {
             },
             caller.identity.is_some(),
         );
-        let mut entry = AccessLogEntry::new(Direction::Inbound, caller.peer, caller.dest);
+        let mut entry = AccessLogEntry::new(Direction::Inbound, caller.peer, dest);
         entry.claimed_src = caller.claimed.filter(|c| *c != caller.peer);
         if caller.identity.is_some() {
             entry.protocol = "HBONE";
         }
-        entry.upstream = Some(caller.dest);
+        entry.upstream = Some(dest);
         let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
 
         let decided = (|| {
-            if self.ctx.settings.ports.is_own(caller.dest.port()) {
-                return Err(Refusal::OwnPort(caller.dest));
+            let dest = app?;
+            if self.ctx.settings.ports.is_own(dest.port()) {
+                return Err(Refusal::OwnPort(dest));
             }
-            let dst = dst.ok_or(Refusal::UnknownDestination(caller.dest.ip()))?;
+            let dst = dst.ok_or(Refusal::UnknownDestination(dest.ip()))?;
             let admitted = AdmittedConnection {
                 destination_uid: dst.uid.clone(),
                 source_ip: client_ip,
                 source_identity: caller.identity.cloned(),
-                destination_ip: caller.dest.ip(),
-                destination_port: caller.dest.port(),
+                destination_ip: dest.ip(),
+                destination_port: dest.port(),
             };
             authorize::check(&snap, &dst, &admitted).map_err(Refusal::Denied)?;
             Ok(admitted)
         })();
         drop(snap);
         let result = match decided {
-            Ok(admitted) => match self.connect(caller.dest, client_ip).await {
+            Ok(admitted) => match self.connect(dest, client_ip).await {
                 Ok(upstream) => Ok(Admitted {
                     upstream,
                     tracked: self.ctx.tracker.track(admitted),

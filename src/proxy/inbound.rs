@@ -2,7 +2,6 @@
 //! [`InboundDoor`] and, once admitted, is relayed to the app.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 
@@ -38,7 +37,7 @@ impl StreamHandler for Inbound {
     async fn handle(
         self: Arc<Self>,
         peer: Arc<TunnelPeer>,
-        dest: SocketAddr,
+        dest: wire::Authority,
         req: Request<h2::RecvStream>,
         respond: SendResponse<Bytes>,
     ) {
@@ -64,7 +63,7 @@ impl Inbound {
     async fn open(
         &self,
         peer: Arc<TunnelPeer>,
-        dest: SocketAddr,
+        dest: wire::Authority,
         req: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) -> Option<Opened> {
@@ -73,6 +72,8 @@ impl Inbound {
             claimed: wire::forwarded_for(&req),
             identity: peer.identity(),
             dest,
+            arrived_on: wire::canonical(peer.local.ip()),
+            origin_network: wire::origin_network(&req),
         };
         let (mut guard, admitted) = self.door.admit(caller).await;
         let Admitted { upstream, tracked } = match admitted {

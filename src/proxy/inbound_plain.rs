@@ -20,12 +20,7 @@ impl InboundPlain {
         let Ok(peer) = client.peer_addr() else {
             return;
         };
-        let caller = Caller {
-            peer,
-            claimed: None,
-            identity: None,
-            dest: original_dst,
-        };
+        let caller = Caller::to_addr(peer, original_dst);
         // Boxed for the reason given in `Outbound::handle`: only relaying state stays.
         let (mut guard, admitted) = Box::pin(self.door.admit(caller)).await;
         let Ok(Admitted { upstream, tracked }) = admitted else {

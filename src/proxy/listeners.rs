@@ -144,6 +144,7 @@ impl WorkloadProxy {
             tuning: ctx.settings.h2.clone(),
             limits: ctx.settings.limits.clone(),
             reports: ctx.limits.clone(),
+            metrics: ctx.metrics.clone(),
         });
         let identity = Arc::new(workload.identity());
         for addr in &listen.hbone {

@@ -12,8 +12,9 @@ use super::relay::{self, TcpSide};
 use super::route::{decide, Decision, Route, RouteError, Transport, Unresolved};
 use super::socket::{self, SocketFactory};
 use super::ProxyContext;
-use crate::hbone::client::{self, open_stream};
-use crate::hbone::pool::{Lease, PoolError, PoolKey};
+use crate::hbone::client::{self, open_stream, TunnelConnection};
+use crate::hbone::pool::{Lease, Pool, PoolError, PoolKey, TunnelTarget};
+use crate::hbone::stream_io::StreamIo;
 use crate::hbone::wire::{self, ConnectRequest};
 use crate::hbone::{H2Stream, HboneError};
 use crate::identity::{Identity, CERTIFICATE_WAIT};
@@ -118,6 +119,11 @@ impl Outbound {
                 transport: Transport::Hbone { identities, .. },
                 ..
             }) => (true, identities.first()),
+            // The gateway picks the endpoint: its identity is known only when there is one.
+            Ok(Route {
+                transport: Transport::ViaGateway { identities, .. },
+                ..
+            }) => (true, identities.first().filter(|_| identities.len() == 1)),
             _ => (false, None),
         };
         let (dst_wl, dst_svc) = match &route {
@@ -148,6 +154,7 @@ impl Outbound {
         };
         guard.entry_mut().upstream = Some(match &route.transport {
             Transport::Hbone { tunnel, .. } => *tunnel,
+            Transport::ViaGateway { gateway, .. } => *gateway,
             Transport::Plain => route.target,
         });
         let _permit = match self.budget.start() {
@@ -157,22 +164,60 @@ impl Outbound {
                 return None;
             }
         };
+        let request = ConnectRequest {
+            authority: route.target.into(),
+            client: client_addr,
+            baggage: wire::baggage(
+                &source.cluster_id,
+                &source.namespace,
+                source.workload_name_or_name(),
+                source.app(),
+                &source.canonical_revision,
+            ),
+            service_host: route.service.as_ref().map(|s| s.hostname.clone()),
+            origin_network: None,
+        };
         let upstream = match route.transport {
             Transport::Hbone { tunnel, identities } => {
-                let request = ConnectRequest {
-                    authority: route.target,
-                    client: client_addr,
-                    baggage: wire::baggage(
-                        &source.cluster_id,
-                        &source.namespace,
-                        source.workload_name_or_name(),
-                        source.app(),
-                        &source.canonical_revision,
-                    ),
-                    service_host: route.service.as_ref().map(|s| s.hostname.clone()),
+                let key = PoolKey {
+                    source: src_identity.clone(),
+                    source_ip: pool_source_ip(&source, tunnel),
+                    destination: identities.clone(),
+                    target: TunnelTarget::Direct(tunnel),
+                };
+                let dial = self.dialer(&source, src_identity);
+                let connect = || dial.clone().direct(tunnel, identities.clone());
+                match stream_on(&self.ctx.pool, &key, connect, &request).await {
+                    Ok((lease, stream)) => Upstream::Tunnel(lease, stream),
+                    Err(e) => {
+                        guard.fail(ResponseFlags::Connect, e);
+                        return None;
+                    }
+                }
+            }
+            Transport::ViaGateway {
+                gateway,
+                gateway_identities,
+                identities,
+                authority,
+            } => {
+                let outer = ConnectRequest {
+                    authority,
+                    ..request
+                };
+                // The inner request tells the destination which network it came from, so it
+                // knows its transport peer is the gateway, not the client.
+                let inner = ConnectRequest {
+                    origin_network: Some(source.network.clone()),
+                    ..outer.clone()
+                };
+                let hop = GatewayHop {
+                    gateway,
+                    identities: gateway_identities,
+                    request: outer,
                 };
                 match self
-                    .open_tunnel(&source, src_identity, tunnel, identities, &request)
+                    .through_gateway(&source, src_identity, hop, identities, &inner)
                     .await
                 {
                     Ok((lease, stream)) => Upstream::Tunnel(lease, stream),
@@ -225,56 +270,163 @@ impl Outbound {
         }
     }
 
-    /// A CONNECT stream to `tunnel`, on a pooled connection. A pooled connection that fails at
-    /// the HTTP/2 level (peer restarted, GOAWAY) is discarded and the request tried once more.
-    async fn open_tunnel(
+    /// What opening tunnel connections for `source` needs.
+    fn dialer(&self, source: &Workload, identity: Identity) -> Dialer {
+        Dialer {
+            ctx: self.ctx.clone(),
+            factory: self.factory.clone(),
+            source: identity,
+            source_ips: source.workload_ips.clone(),
+        }
+    }
+
+    /// A stream of double HBONE: on a pooled inner connection to the destination for this
+    /// source, gateway and authority; a new inner connection is made inside a CONNECT stream
+    /// on a pooled outer connection to the gateway.
+    async fn through_gateway(
         &self,
         source: &Workload,
         src_identity: Identity,
-        tunnel: SocketAddr,
+        hop: GatewayHop,
         identities: Vec<Identity>,
-        request: &ConnectRequest,
+        inner: &ConnectRequest,
     ) -> Result<(Lease, H2Stream), PoolError> {
-        let src_ip = source_ip(source, tunnel);
         let key = PoolKey {
             source: src_identity.clone(),
-            source_ip: src_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            source_ip: pool_source_ip(source, hop.gateway),
             destination: identities.clone(),
-            target: tunnel,
+            target: TunnelTarget::ViaGateway {
+                gateway: hop.gateway,
+                gateway_identities: hop.identities.clone(),
+                authority: hop.request.authority.clone(),
+            },
         };
-        let connect = || {
-            let factory = self.factory.clone();
-            let tls = self.ctx.tls.clone();
-            let (tuning, limits) = (
-                self.ctx.settings.h2.clone(),
-                self.ctx.settings.limits.clone(),
-            );
-            let (src_identity, identities) = (src_identity.clone(), identities.clone());
-            async move {
-                // The handshake reads the certificate from the cache; wait for it here.
-                tls.cert_manager()
-                    .fetch_within(&src_identity, CERTIFICATE_WAIT)
-                    .await?;
-                let config = tls.client_config(src_identity, identities)?;
-                let tcp = connect_within(&*factory, tunnel, src_ip, limits.connect_timeout).await?;
-                client::handshake(tcp, config, &tuning, &limits).await
-            }
-        };
-        let lease = self.ctx.pool.checkout(&key, &connect).await?;
-        match open_stream(&lease.connection().sender, request).await {
-            Ok(stream) => return Ok((lease, stream)),
-            Err(HboneError::H2(e)) => {
-                debug!(%tunnel, error = %e, "pooled tunnel connection failed; retrying on a new one");
-                self.ctx.pool.discard(&lease);
-            }
-            Err(e) => return Err(PoolError(Arc::new(e))),
+        let dial = self.dialer(source, src_identity);
+        let connect = || dial.clone().inner(hop.clone(), identities.clone());
+        if !self.ctx.settings.pool_cross_network {
+            // Unpooled (ztunnel's way): a fresh inner connection per client connection, so the
+            // gateway balances each one; it lives as long as its one stream.
+            let conn = connect().await.map_err(|e| PoolError(Arc::new(e)))?;
+            let stream = open_stream(&conn.sender, inner)
+                .await
+                .map_err(|e| PoolError(Arc::new(e)))?;
+            return Ok((Lease::unpooled(conn), stream));
         }
-        let lease = self.ctx.pool.checkout(&key, &connect).await?;
-        let stream = open_stream(&lease.connection().sender, request)
-            .await
-            .map_err(|e| PoolError(Arc::new(e)))?;
-        Ok((lease, stream))
+        stream_on(&self.ctx.pool, &key, connect, inner).await
     }
+}
+
+/// The outer leg of double HBONE: the gateway, what it must present, and the CONNECT it gets.
+#[derive(Clone)]
+struct GatewayHop {
+    gateway: SocketAddr,
+    identities: Vec<Identity>,
+    request: ConnectRequest,
+}
+
+/// What opening a tunnel connection for one source needs, owned, so that the pool's connect
+/// future (which outlives any one caller) can carry it.
+#[derive(Clone)]
+struct Dialer {
+    ctx: Arc<ProxyContext>,
+    factory: Arc<dyn SocketFactory>,
+    source: Identity,
+    source_ips: Vec<IpAddr>,
+}
+
+impl Dialer {
+    fn source_ip(&self, dest: SocketAddr) -> Option<IpAddr> {
+        self.source_ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == dest.is_ipv4())
+    }
+
+    /// A connection to a peer's HBONE port: TCP, then TLS + HTTP/2.
+    async fn direct(
+        self,
+        tunnel: SocketAddr,
+        identities: Vec<Identity>,
+    ) -> Result<TunnelConnection, HboneError> {
+        let tls = &self.ctx.tls;
+        // The handshake reads the certificate from the cache; wait for it here.
+        tls.cert_manager()
+            .fetch_within(&self.source, CERTIFICATE_WAIT)
+            .await?;
+        let config = tls.client_config(self.source.clone(), identities)?;
+        let limits = &self.ctx.settings.limits;
+        let src_ip = self.source_ip(tunnel);
+        let tcp = connect_within(&*self.factory, tunnel, src_ip, limits.connect_timeout).await?;
+        let conn = client::handshake(tcp, config, &self.ctx.settings.h2, limits).await?;
+        self.ctx.metrics.handshake_completed("outbound");
+        Ok(conn)
+    }
+
+    /// The inner connection of double HBONE: a CONNECT stream to the gateway (on a pooled
+    /// outer connection), then TLS + HTTP/2 with the destination inside that stream, which the
+    /// inner connection holds for as long as it lives.
+    async fn inner(
+        self,
+        hop: GatewayHop,
+        identities: Vec<Identity>,
+    ) -> Result<TunnelConnection, HboneError> {
+        let outer_key = PoolKey {
+            source: self.source.clone(),
+            source_ip: self
+                .source_ip(hop.gateway)
+                .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            destination: hop.identities.clone(),
+            target: TunnelTarget::Direct(hop.gateway),
+        };
+        let outer_connect = || self.clone().direct(hop.gateway, hop.identities.clone());
+        let (lease, stream) = stream_on(&self.ctx.pool, &outer_key, outer_connect, &hop.request)
+            .await
+            .map_err(|e| HboneError::Gateway(e.0))?;
+        let config = self
+            .ctx
+            .tls
+            .client_config(self.source.clone(), identities)?;
+        let io = StreamIo::new(stream, Some(lease));
+        let limits = &self.ctx.settings.limits;
+        let conn =
+            client::handshake_over(io, hop.gateway, config, &self.ctx.settings.h2, limits).await?;
+        self.ctx.metrics.handshake_completed("outbound");
+        Ok(conn)
+    }
+}
+
+/// The address pooled connections for `source` leave from toward `dest` (see [`PoolKey`]).
+fn pool_source_ip(source: &Workload, dest: SocketAddr) -> IpAddr {
+    source_ip(source, dest).unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+/// A CONNECT stream for `request` on a pooled connection for `key`, made with `connect` when
+/// none has room. A pooled connection that fails at the HTTP/2 level (peer restarted, GOAWAY)
+/// is discarded and the request tried once more.
+async fn stream_on<F, Fut>(
+    pool: &Arc<Pool>,
+    key: &PoolKey,
+    connect: F,
+    request: &ConnectRequest,
+) -> Result<(Lease, H2Stream), PoolError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<TunnelConnection, HboneError>> + Send + 'static,
+{
+    let lease = pool.checkout(key, &connect).await?;
+    match open_stream(&lease.connection().sender, request).await {
+        Ok(stream) => return Ok((lease, stream)),
+        Err(HboneError::H2(e)) => {
+            debug!(target = ?key.target, error = %e, "pooled tunnel connection failed; retrying on a new one");
+            pool.discard(&lease);
+        }
+        Err(e) => return Err(PoolError(Arc::new(e))),
+    }
+    let lease = pool.checkout(key, &connect).await?;
+    let stream = open_stream(&lease.connection().sender, request)
+        .await
+        .map_err(|e| PoolError(Arc::new(e)))?;
+    Ok((lease, stream))
 }
 
 /// A TCP connect that gives up after `after`.

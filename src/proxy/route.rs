@@ -7,6 +7,7 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::config::Ports;
+use crate::hbone::wire::Authority;
 use crate::identity::Identity;
 use crate::state::{
     GatewayAddress, GatewayDestination, Protocol, Service, ServiceKey, Snapshot, Workload,
@@ -20,6 +21,17 @@ pub enum Transport {
     Hbone {
         tunnel: SocketAddr,
         identities: Vec<Identity>,
+    },
+    /// Double HBONE, to a service endpoint on another network: an outer tunnel to that
+    /// network's gateway (which must present one of `gateway_identities`) with `authority`
+    /// (the service hostname and port) as its CONNECT authority; inside it, a second TLS +
+    /// HTTP/2 CONNECT with the same authority to whichever endpoint the gateway picks, which
+    /// must present one of `identities`.
+    ViaGateway {
+        gateway: SocketAddr,
+        gateway_identities: Vec<Identity>,
+        identities: Vec<Identity>,
+        authority: Authority,
     },
     /// Plain TCP: the destination is not in the mesh (or unknown).
     Plain,
@@ -42,6 +54,8 @@ pub enum RouteError {
     OwnPort(SocketAddr),
     #[error("waypoint {0} has no healthy instance")]
     NoWaypoint(String),
+    #[error("network gateway {0} is unknown or has no healthy instance")]
+    NoGateway(String),
     #[error("endpoint {hostname} of service {service} did not resolve: {reason}")]
     Unresolved {
         hostname: String,
@@ -96,6 +110,8 @@ impl Unresolved {
 /// - a service VIP: pick a healthy endpoint at random, then as for that workload (an endpoint
 ///   known only by a hostname is resolved by the caller); a passthrough service's VIP goes to
 ///   the address dialled, as if no service had it;
+/// - an endpoint on another network than the client's: double HBONE through that network's
+///   gateway (endpoints of other networks without a gateway are not candidates);
 /// - a workload with a waypoint, addressed directly: in HBONE to the waypoint;
 /// - a workload speaking HBONE: tunnel to its HBONE port (`ports.hbone`);
 /// - a workload speaking TCP, or an address weft does not know: plain TCP passthrough.
@@ -126,11 +142,17 @@ pub fn decide(
             return Ok(Decision::Ready(route));
         }
         let key = service.key();
-        let endpoints: Vec<_> = snap.healthy_endpoints(&key).collect();
+        let endpoints: Vec<_> = snap
+            .healthy_endpoints(&key)
+            .filter(|e| reachable_from(&e.workload, source))
+            .collect();
         if endpoints.is_empty() {
             return Err(RouteError::NoHealthyEndpoint(key.to_string()));
         }
         let ep = endpoints[rand::rng().random_range(0..endpoints.len())];
+        if ep.workload.network != source.network {
+            return through_gateway(snap, service, &ep.workload, original_dst).map(Decision::Ready);
+        }
         let port = ep.target_port(service, original_dst.port());
         let Some(ip) = address_for(&ep.workload, original_dst) else {
             if ep.workload.hostname.is_empty() {
@@ -159,11 +181,87 @@ fn address_for(w: &Workload, dst: SocketAddr) -> Option<IpAddr> {
         .copied()
 }
 
+/// Whether `source` can reach endpoint `w`: on its own network, directly, by an address or
+/// a hostname; on another, only through that network's gateway.
+fn reachable_from(w: &Workload, source: &Workload) -> bool {
+    if w.network == source.network {
+        !w.workload_ips.is_empty() || !w.hostname.is_empty()
+    } else {
+        w.network_gateway.is_some()
+    }
+}
+
+/// One healthy instance of a waypoint or network gateway, as its [`GatewayAddress`] names
+/// it: a service (by hostname: one of its healthy endpoints; by VIP: likewise) or a workload
+/// with that address. Its HBONE port, and the identities it may present: its workload's and
+/// its service's SANs.
+struct Hop {
+    addr: SocketAddr,
+    identities: Vec<Identity>,
+    instance: Arc<Workload>,
+}
+
+/// The instances a [`GatewayAddress`] names, with the service they belong to (if any).
+struct HopInstances<'s> {
+    service: Option<&'s Arc<Service>>,
+    instances: Vec<&'s Arc<Workload>>,
+}
+
+impl<'s> HopInstances<'s> {
+    /// `None` when `gateway` names a service by a hostname that is not known.
+    fn of(snap: &'s Snapshot, gateway: &GatewayAddress) -> Option<Self> {
+        let service = match &gateway.destination {
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => Some(snap.service(&ServiceKey {
+                namespace: namespace.clone(),
+                hostname: hostname.clone(),
+            })?),
+            GatewayDestination::Address { address, .. } => snap.service_by_vip(*address),
+        };
+        let instances = match (service, &gateway.destination) {
+            (Some(s), _) => snap
+                .healthy_endpoints(&s.key())
+                .map(|e| &e.workload)
+                .collect(),
+            (None, GatewayDestination::Address { address, .. }) => {
+                snap.workload_by_ip(*address).into_iter().collect()
+            }
+            (None, GatewayDestination::Hostname { .. }) => Vec::new(),
+        };
+        Some(HopInstances { service, instances })
+    }
+
+    /// Picks one instance and addresses it (the family of `dst` preferred) on the gateway's
+    /// HBONE port.
+    fn pick(&self, gateway: &GatewayAddress, dst: SocketAddr) -> Option<Hop> {
+        if self.instances.is_empty() {
+            return None;
+        }
+        let instance = self.instances[rand::rng().random_range(0..self.instances.len())];
+        let ip = address_for(instance, dst)?;
+        let mut identities = vec![instance.identity()];
+        identities.extend(self.service.into_iter().flat_map(|s| sans(s)));
+        Some(Hop {
+            addr: SocketAddr::new(ip, gateway.hbone_mtls_port),
+            identities,
+            instance: instance.clone(),
+        })
+    }
+}
+
+fn sans(service: &Service) -> impl Iterator<Item = Identity> + '_ {
+    service
+        .subject_alt_names
+        .iter()
+        .filter_map(|s| s.parse::<Identity>().ok())
+}
+
 /// The route through `waypoint` to `original_dst` (the CONNECT authority stays the address
-/// the client dialled); `None` when `source` is that waypoint. The waypoint is a service (by
-/// hostname: one of its healthy endpoints) or an address (a VIP's endpoint, or a workload);
-/// it is always reached in HBONE, on its HBONE port, and must present its workload's identity
-/// or one of its service's.
+/// the client dialled); `None` when `source` is that waypoint. The waypoint is always reached
+/// in HBONE, on its HBONE port, and must present its workload's identity or one of its
+/// service's.
 fn via_waypoint(
     snap: &Snapshot,
     waypoint: &GatewayAddress,
@@ -172,56 +270,65 @@ fn via_waypoint(
     ports: &Ports,
 ) -> Result<Option<Route>, RouteError> {
     let unknown = || RouteError::NoWaypoint(waypoint_name(waypoint));
-    let service = match &waypoint.destination {
-        GatewayDestination::Hostname {
-            namespace,
-            hostname,
-        } => Some(
-            snap.service(&ServiceKey {
-                namespace: namespace.clone(),
-                hostname: hostname.clone(),
-            })
-            .ok_or_else(unknown)?,
-        ),
-        GatewayDestination::Address { address, .. } => snap.service_by_vip(*address),
-    };
-    let instances: Vec<&Arc<Workload>> = match (service, &waypoint.destination) {
-        (Some(s), _) => snap
-            .healthy_endpoints(&s.key())
-            .map(|e| &e.workload)
-            .collect(),
-        (None, GatewayDestination::Address { address, .. }) => {
-            snap.workload_by_ip(*address).into_iter().collect()
-        }
-        (None, GatewayDestination::Hostname { .. }) => Vec::new(),
-    };
-    if instances.iter().any(|w| w.uid == source.uid) {
+    let hops = HopInstances::of(snap, waypoint).ok_or_else(unknown)?;
+    if hops.instances.iter().any(|w| w.uid == source.uid) {
         return Ok(None);
-    }
-    if instances.is_empty() {
-        return Err(unknown());
     }
     if ports.is_own(original_dst.port()) {
         return Err(RouteError::OwnPort(original_dst));
     }
-    let instance = instances[rand::rng().random_range(0..instances.len())];
-    let ip = address_for(instance, original_dst).ok_or_else(unknown)?;
-    let mut identities = vec![instance.identity()];
-    identities.extend(
-        service
-            .into_iter()
-            .flat_map(|s| &s.subject_alt_names)
-            .filter_map(|s| s.parse::<Identity>().ok()),
-    );
+    let hop = hops.pick(waypoint, original_dst).ok_or_else(unknown)?;
     Ok(Some(Route {
         transport: Transport::Hbone {
-            tunnel: SocketAddr::new(ip, waypoint.hbone_mtls_port),
-            identities,
+            tunnel: hop.addr,
+            identities: hop.identities,
         },
         target: original_dst,
-        destination: Some(instance.clone()),
+        destination: Some(hop.instance),
         service: None,
     }))
+}
+
+/// The route to `service` through the gateway of `endpoint`'s network. The gateway picks the
+/// endpoint, so the inner tunnel accepts any healthy endpoint of the service on that network
+/// (and the service's SANs), and the client's view of the destination is the service only.
+fn through_gateway(
+    snap: &Snapshot,
+    service: &Arc<Service>,
+    endpoint: &Workload,
+    original_dst: SocketAddr,
+) -> Result<Route, RouteError> {
+    let Some(gateway) = &endpoint.network_gateway else {
+        return Err(RouteError::NoHealthyEndpoint(service.key().to_string()));
+    };
+    let unknown = || RouteError::NoGateway(waypoint_name(gateway));
+    let hop = HopInstances::of(snap, gateway)
+        .and_then(|hops| hops.pick(gateway, original_dst))
+        .ok_or_else(unknown)?;
+    let mut identities: Vec<Identity> = Vec::new();
+    let remote = snap
+        .healthy_endpoints(&service.key())
+        .filter(|e| e.workload.network == endpoint.network)
+        .map(|e| e.workload.identity());
+    for id in remote.chain(sans(service)) {
+        if !identities.contains(&id) {
+            identities.push(id);
+        }
+    }
+    Ok(Route {
+        transport: Transport::ViaGateway {
+            gateway: hop.addr,
+            gateway_identities: hop.identities,
+            identities,
+            authority: Authority::Service {
+                host: service.hostname.clone(),
+                port: original_dst.port(),
+            },
+        },
+        target: original_dst,
+        destination: None,
+        service: Some(service.clone()),
+    })
 }
 
 fn waypoint_name(w: &GatewayAddress) -> String {
@@ -244,26 +351,25 @@ fn service_route(
 ) -> Result<Route, RouteError> {
     let mut route = to_workload(endpoint, target, ports)?;
     if let Transport::Hbone { identities, .. } = &mut route.transport {
-        identities.extend(
-            service
-                .subject_alt_names
-                .iter()
-                .filter_map(|s| s.parse::<Identity>().ok()),
-        );
+        identities.extend(sans(service));
     }
     route.service = Some(service.clone());
     Ok(route)
 }
 
 /// The route to an address as dialled: the workload that has it (through its waypoint when
-/// it names one), else plain TCP.
+/// it names one), else plain TCP. A workload of another network is not reachable by its
+/// address (only through a service, by the gateway): to the client it is an unknown address.
 fn to_address(
     snap: &Snapshot,
     source: &Workload,
     dst: SocketAddr,
     ports: &Ports,
 ) -> Result<Route, RouteError> {
-    if let Some(w) = snap.workload_by_ip(dst.ip()) {
+    let local = snap
+        .workload_by_ip(dst.ip())
+        .filter(|w| w.network == source.network);
+    if let Some(w) = local {
         if let Some(waypoint) = &w.waypoint {
             if let Some(route) = via_waypoint(snap, waypoint, source, dst, ports)? {
                 return Ok(route);
@@ -676,6 +782,163 @@ services:
             e,
             RouteError::NoWaypoint("infra/gone.infra.svc.cluster.local".into())
         );
+    }
+
+    /// CONFIG with `server` on network `west`, whose gateway is the service at VIP
+    /// 10.250.3.100 (one instance, 10.250.3.9, identity `istio-system/sa/eastwest`), and a
+    /// second endpoint `server-2` on `west` with another identity.
+    fn two_networks() -> Arc<Snapshot> {
+        let mut data = snapshot_data(CONFIG);
+        let gateway = GatewayAddress {
+            destination: GatewayDestination::Address {
+                network: "west".into(),
+                address: "10.250.3.100".parse().unwrap(),
+            },
+            hbone_mtls_port: 15008,
+        };
+        for w in &mut data.workloads {
+            w.network = "west".into();
+            w.network_gateway = Some(gateway.clone());
+        }
+        let server2 = Workload {
+            uid: "server-2".into(),
+            name: "server-2".into(),
+            namespace: "shop".into(),
+            service_account: "server-2".into(),
+            trust_domain: "cluster.local".into(),
+            protocol: Protocol::HBONE,
+            network: "west".into(),
+            // Known by no address: reachable only through the gateway.
+            network_gateway: Some(gateway),
+            ..Workload::default()
+        };
+        let gw = Workload {
+            uid: "eastwest-1".into(),
+            name: "eastwest-1".into(),
+            namespace: "istio-system".into(),
+            service_account: "eastwest".into(),
+            trust_domain: "cluster.local".into(),
+            workload_ips: vec!["10.250.3.9".parse().unwrap()],
+            protocol: Protocol::HBONE,
+            network: "west".into(),
+            ..Workload::default()
+        };
+        let gw_service = Service {
+            name: "eastwest".into(),
+            namespace: "istio-system".into(),
+            hostname: "eastwest.istio-system.svc.cluster.local".into(),
+            vips: vec!["10.250.3.100".parse().unwrap()],
+            ports: BTreeMap::from([(15008, 15008)]),
+            subject_alt_names: vec![],
+            waypoint: None,
+            passthrough: false,
+            visibility: Default::default(),
+        };
+        let server_key = data.services[0].key();
+        data.endpoints
+            .push((server_key, "server-2".into(), BTreeMap::new()));
+        data.endpoints
+            .push((gw_service.key(), "eastwest-1".into(), BTreeMap::new()));
+        data.workloads.extend([server2, gw]);
+        data.services.push(gw_service);
+        let store = StateStore::new("istio-system");
+        store.replace_source("t", data);
+        store.snapshot()
+    }
+
+    fn on_network(network: &str) -> Workload {
+        Workload {
+            network: network.into(),
+            ..client()
+        }
+    }
+
+    #[test]
+    fn an_endpoint_on_another_network_is_reached_through_its_gateway() {
+        let snap = two_networks();
+        let vip: SocketAddr = "10.250.128.10:80".parse().unwrap();
+        let id = |s: &str| s.parse::<Identity>().unwrap();
+        for _ in 0..20 {
+            let r = ready(decide(&snap, &on_network("east"), vip, &own()));
+            assert_eq!(
+                r.transport,
+                Transport::ViaGateway {
+                    gateway: "10.250.3.9:15008".parse().unwrap(),
+                    gateway_identities: vec![id(
+                        "spiffe://cluster.local/ns/istio-system/sa/eastwest"
+                    )],
+                    // Whichever endpoint the gateway picks, and the service's own SAN.
+                    identities: vec![
+                        id("spiffe://cluster.local/ns/shop/sa/server-sa"),
+                        id("spiffe://cluster.local/ns/shop/sa/server-2"),
+                        id("spiffe://cluster.local/ns/shop/sa/extra"),
+                    ],
+                    authority: Authority::Service {
+                        host: "server.shop.svc.cluster.local".into(),
+                        port: 80
+                    },
+                }
+            );
+            assert!(r.destination.is_none(), "the gateway picks the endpoint");
+            assert_eq!(r.service.unwrap().name, "server");
+        }
+        // On the endpoints' own network: direct, and only to the endpoint with an address.
+        for _ in 0..20 {
+            let r = ready(decide(&snap, &on_network("west"), vip, &own()));
+            assert_eq!(r.target, "10.250.2.2:8080".parse().unwrap());
+        }
+        // A workload of another network is not reachable by its address.
+        let r = ready(decide(
+            &snap,
+            &on_network("east"),
+            "10.250.2.2:8080".parse().unwrap(),
+            &own(),
+        ));
+        assert_eq!(r.transport, Transport::Plain);
+        assert!(r.destination.is_none());
+    }
+
+    #[test]
+    fn without_a_gateway_another_networks_endpoints_are_no_candidates() {
+        let mut data = snapshot_data(CONFIG);
+        for w in &mut data.workloads {
+            w.network = "west".into();
+        }
+        let store = StateStore::new("istio-system");
+        store.replace_source("t", data);
+        let e = decide(
+            &store.snapshot(),
+            &on_network("east"),
+            "10.250.128.10:80".parse().unwrap(),
+            &own(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            RouteError::NoHealthyEndpoint("shop/server.shop.svc.cluster.local".into())
+        );
+        // A gateway that names nothing known is an error, not a guess.
+        let mut data = snapshot_data(CONFIG);
+        for w in &mut data.workloads {
+            w.network = "west".into();
+            w.network_gateway = Some(GatewayAddress {
+                destination: GatewayDestination::Address {
+                    network: "west".into(),
+                    address: "10.250.3.77".parse().unwrap(),
+                },
+                hbone_mtls_port: 15008,
+            });
+        }
+        let store = StateStore::new("istio-system");
+        store.replace_source("t", data);
+        let e = decide(
+            &store.snapshot(),
+            &on_network("east"),
+            "10.250.128.10:80".parse().unwrap(),
+            &own(),
+        )
+        .unwrap_err();
+        assert_eq!(e, RouteError::NoGateway("west/10.250.3.77".into()));
     }
 
     #[test]

@@ -5,11 +5,11 @@
 pub mod apiserver;
 pub mod dns;
 pub mod fake_xds;
+pub mod hbone_hop;
 pub mod istio;
 pub mod istio_cni;
 pub mod lab;
 pub mod raw_hbone;
-pub mod waypoint;
 pub mod weft_process;
 
 use std::io::Write;

@@ -1,8 +1,9 @@
-//! A test waypoint: terminates HBONE (plain `h2` + `rustls`, independent of weft's server)
+//! A test HBONE hop: terminates HBONE (plain `h2` + `rustls`, independent of weft's server)
 //! on a socket inside a lab pod's namespace, records what each CONNECT says and who sent it,
-//! answers 200 and forwards the stream in plain TCP to one fixed upstream (from the same
-//! namespace). It stands where ambient mode's L7 proxy stands; what it checks is only what a
-//! node proxy must send a waypoint.
+//! answers 200 and forwards the stream's bytes in plain TCP (from the same namespace) to an
+//! upstream chosen by the authority. It stands where a waypoint (ambient mode's L7 proxy) or
+//! a network's east-west gateway stands; what it checks is only what a node proxy must send
+//! them. As a gateway it forwards the inner tunnel of double HBONE untouched, as Istio's does.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,23 +25,49 @@ pub struct Seen {
     /// The SPIFFE identity of the client's certificate.
     pub client: String,
     pub forwarded: String,
+    /// The `x-forwarded-network` header (double HBONE puts it on the inner request only).
+    pub network: Option<String>,
 }
 
-pub struct TestWaypoint {
+/// Where the hop sends a stream.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    /// Every stream to one address (a waypoint in front of one workload).
+    Fixed(SocketAddr),
+    /// By CONNECT authority (a gateway: service `host:port` → an endpoint's HBONE port);
+    /// an authority it does not know is answered 503.
+    ByAuthority(Vec<(String, SocketAddr)>),
+}
+
+impl Upstream {
+    fn pick(&self, authority: &str) -> Option<SocketAddr> {
+        match self {
+            Upstream::Fixed(a) => Some(*a),
+            Upstream::ByAuthority(routes) => routes
+                .iter()
+                .find(|(a, _)| a == authority)
+                .map(|(_, to)| *to),
+        }
+    }
+}
+
+pub struct TestHop {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// TLS handshakes completed (connections, not streams).
     pub handshakes: Arc<AtomicUsize>,
+    /// TCP connections opened to upstreams (one per stream forwarded).
+    pub upstream_connects: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for TestWaypoint {
+impl Drop for TestHop {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-impl TestWaypoint {
+impl TestHop {
     /// Listens on `listen` inside `netns_path`, presenting a certificate for `identity` from
     /// `ca` and requiring a client certificate from the same CA.
     pub async fn start(
@@ -48,8 +75,8 @@ impl TestWaypoint {
         listen: SocketAddr,
         ca: &CertificateAuthority,
         identity: &Identity,
-        upstream: SocketAddr,
-    ) -> TestWaypoint {
+        upstream: Upstream,
+    ) -> TestHop {
         let netns = Netns::open(netns_path).expect("waypoint netns");
         let std_listener = netns
             .run(move || std::net::TcpListener::bind(listen))
@@ -79,7 +106,9 @@ impl TestWaypoint {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let handshakes = Arc::new(AtomicUsize::new(0));
-        let (seen2, handshakes2) = (seen.clone(), handshakes.clone());
+        let upstream_connects = Arc::new(AtomicUsize::new(0));
+        let (seen2, handshakes2, connects2) =
+            (seen.clone(), handshakes.clone(), upstream_connects.clone());
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             // Owned by this task: aborting it (drop) closes every connection too.
@@ -96,11 +125,13 @@ impl TestWaypoint {
                 let Ok((tcp, _)) = accepted else {
                     return;
                 };
-                let (acceptor, seen, handshakes, netns) = (
+                let (acceptor, seen, handshakes, netns, connects, upstream) = (
                     acceptor.clone(),
                     seen2.clone(),
                     handshakes2.clone(),
                     netns.clone(),
+                    connects2.clone(),
+                    upstream.clone(),
                 );
                 connections.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
@@ -127,24 +158,32 @@ impl TestWaypoint {
                                 .unwrap_or_default()
                                 .to_string()
                         };
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default();
                         seen.lock().unwrap().push(Seen {
-                            authority: req
-                                .uri()
-                                .authority()
-                                .map(|a| a.to_string())
-                                .unwrap_or_default(),
+                            authority: authority.clone(),
                             client: client.clone(),
                             forwarded: header("forwarded"),
+                            network: req
+                                .headers()
+                                .get("x-forwarded-network")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string),
                         });
-                        let netns = netns.clone();
-                        streams.spawn(forward(req.into_body(), respond, netns, upstream));
+                        let to = upstream.pick(&authority);
+                        let (netns, connects) = (netns.clone(), connects.clone());
+                        streams.spawn(forward(req.into_body(), respond, netns, to, connects));
                     }
                 });
             }
         });
-        TestWaypoint {
+        TestHop {
             seen,
             handshakes,
+            upstream_connects,
             stop: Some(stop_tx),
             task,
         }
@@ -164,12 +203,14 @@ impl TestWaypoint {
     }
 }
 
-/// Answers 200 and relays the stream to `upstream`, connected from the waypoint's namespace.
+/// Answers 200 and relays the stream to `upstream`, connected from the hop's namespace; 503
+/// when there is none or it cannot be reached.
 async fn forward(
     mut from_client: h2::RecvStream,
     mut respond: h2::server::SendResponse<Bytes>,
     netns: Netns,
-    upstream: SocketAddr,
+    upstream: Option<SocketAddr>,
+    connects: Arc<AtomicUsize>,
 ) {
     let socket = netns
         .run(tokio::net::TcpSocket::new_v4)
@@ -178,7 +219,14 @@ async fn forward(
     let Some(socket) = socket else {
         return;
     };
-    let Ok(tcp) = socket.connect(upstream).await else {
+    let connected = match upstream {
+        Some(to) => socket.connect(to).await.ok(),
+        None => None,
+    };
+    if connected.is_some() {
+        connects.fetch_add(1, Ordering::SeqCst);
+    }
+    let Some(tcp) = connected else {
         let _ = respond.send_response(
             Response::builder()
                 .status(StatusCode::SERVICE_UNAVAILABLE)
