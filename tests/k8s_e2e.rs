@@ -123,6 +123,9 @@ async fn start_k8s_node(
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut settings = settings(node);
     settings.dns.own_resolv_conf = resolv_conf.to_owned();
+    // The unpooled cross-network mode is run by hand for BENCHMARKS.md's figures.
+    settings.pool_cross_network =
+        std::env::var("WEFT_TEST_POOL_CROSS_NETWORK").as_deref() != Ok("false");
     // No CA key anywhere a node can read: the built-in CA's directory does not exist.
     settings.ca_dir = "/nonexistent/weft-ca".into();
     let node = Node::start(
@@ -398,42 +401,43 @@ async fn cross_network(
     }
     // The outer CONNECT: to the service by name, a1's identity, the client and the service
     // in `forwarded`, no network header (that is for the destination).
+    // Pooled, the 101 connections share one inner connection, so one outer stream; unpooled,
+    // each has its own inner connection, each on a stream of the one pooled outer connection.
+    let pooled = a.ctx.settings.pool_cross_network;
+    let inner = if pooled { 1 } else { 101 };
     let seen = gateway.seen();
     assert_eq!(
         seen.len(),
-        1,
-        "one outer stream carries the one inner connection: {seen:?}"
+        inner,
+        "one outer stream per inner connection: {seen:?}"
     );
-    assert_eq!(seen[0].authority, "backend.shop.svc.cluster.local:80");
-    assert_eq!(seen[0].client, "spiffe://cluster.local/ns/shop/sa/frontend");
-    assert!(
-        seen[0].forwarded.starts_with("for=\"10.250.1.2:")
-            && seen[0]
-                .forwarded
-                .ends_with(";host=backend.shop.svc.cluster.local"),
-        "{seen:?}"
-    );
-    assert_eq!(seen[0].network, None);
+    for s in &seen {
+        assert_eq!(s.authority, "backend.shop.svc.cluster.local:80");
+        assert_eq!(s.client, "spiffe://cluster.local/ns/shop/sa/frontend");
+        assert!(
+            s.forwarded.starts_with("for=\"10.250.1.2:")
+                && s.forwarded
+                    .ends_with(";host=backend.shop.svc.cluster.local"),
+            "{s:?}"
+        );
+        assert_eq!(s.network, None);
+    }
     let ordering = std::sync::atomic::Ordering::SeqCst;
     assert_eq!(
         gateway.handshakes.load(ordering),
         1,
         "one outer TLS handshake"
     );
-    assert_eq!(
-        gateway.upstream_connects.load(ordering),
-        1,
-        "one inner connection"
-    );
+    assert_eq!(gateway.upstream_connects.load(ordering), inner);
     assert_eq!(
         handshakes(b.metrics_addr, "inbound").await - b_in,
-        1.0,
-        "101 connections cost the destination one handshake"
+        inner as f64,
+        "the destination's handshakes: one per inner connection"
     );
     assert_eq!(
         handshakes(a.metrics_addr, "outbound").await - a_out,
-        2.0,
-        "and the client two: the outer and the inner"
+        1.0 + inner as f64,
+        "the client's: the outer and each inner"
     );
     // The destination saw a1's identity through the gateway and, told by the inner request
     // that it came from network east, did not take the gateway's address for the source.
@@ -458,6 +462,13 @@ async fn cross_network(
         "connection_security_policy=\"mutual_tls\"",
     ];
     assert_eq!(metric(&m, OPENED, &from_a), Some(101.0), "{m}");
+    let target: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let per_connection = lab.time_connections("a1", target, 300).await;
+    println!(
+        "figure: cross-network connections (pool_cross_network={pooled}): {:.0}/s, {per_connection:?} each",
+        1.0 / per_connection.as_secs_f64()
+    );
+    b1.drain();
 
     // A gateway presenting another identity than its service's endpoints is refused.
     gateway.stop().await;
@@ -1086,6 +1097,9 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
         Some(3.0),
         "{m}"
     );
+    let target: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let through_waypoint = lab.time_connections("a1", target, 300).await;
+    b1.drain();
     // A waypoint that presents another identity than its workload's is refused.
     waypoint.stop().await;
     let impostor = common::hbone_hop::TestHop::start(
@@ -1120,6 +1134,11 @@ async fn namespaces_labelled_ambient_are_captured_policed_and_released() {
     .await;
     assert_eq!(lab.send("a1", &vip, 80, "direct"), Ok("direct".into()));
     assert_eq!(b1.next_peer(), "10.250.1.2", "direct again: b1 sees a1");
+    let direct = lab.time_connections("a1", target, 300).await;
+    b1.drain();
+    println!(
+        "figure: new connection + 16-byte echo, a1 → backend VIP: direct {direct:?}, through the waypoint {through_waypoint:?}"
+    );
 
     cross_network(&lab, &client, &a, &b, &b1, &ca, &vip).await;
 

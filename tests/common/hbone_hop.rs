@@ -125,6 +125,8 @@ impl TestHop {
                 let Ok((tcp, _)) = accepted else {
                     return;
                 };
+                // As a real proxy does: small frames leave at once, not after a delayed ACK.
+                let _ = tcp.set_nodelay(true);
                 let (acceptor, seen, handshakes, netns, connects, upstream) = (
                     acceptor.clone(),
                     seen2.clone(),
@@ -223,8 +225,9 @@ async fn forward(
         Some(to) => socket.connect(to).await.ok(),
         None => None,
     };
-    if connected.is_some() {
+    if let Some(tcp) = &connected {
         connects.fetch_add(1, Ordering::SeqCst);
+        let _ = tcp.set_nodelay(true);
     }
     let Some(tcp) = connected else {
         let _ = respond.send_response(

@@ -1,7 +1,8 @@
 //! The network-namespace lab of DESIGN.md §8, built by scripts/lab.sh, with real processes
 //! (tests/fixtures/tcp_tool.py) as the pods' apps.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,6 +24,11 @@ pub struct AppServer {
 }
 
 impl AppServer {
+    /// Forgets the peers seen so far (waits until none has arrived for a moment).
+    pub fn drain(&self) {
+        while self.peers.recv_timeout(Duration::from_millis(300)).is_ok() {}
+    }
+
     pub fn next_peer(&self) -> String {
         self.peers
             .recv_timeout(Duration::from_secs(10))
@@ -134,6 +140,35 @@ impl Lab {
         Held(Some(std::thread::spawn(move || {
             send_from(&ns, &host, port, &msg, hold)
         })))
+    }
+
+    /// Opens `n` connections one after another from `pod` to `addr`, each sending 16 bytes
+    /// and reading their echo, from a thread inside the pod's namespace (no process per
+    /// connection); returns the mean time per connection. For figures a test prints, never
+    /// for asserts: it times the machine.
+    pub async fn time_connections(&self, pod: &str, addr: SocketAddr, n: u32) -> Duration {
+        let netns = weft::capture::Netns::open(self.netns_path(pod)).expect("pod netns");
+        let run = move || {
+            netns.run(move || {
+                let start = std::time::Instant::now();
+                for i in 0..n {
+                    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                        .unwrap_or_else(|e| panic!("connection {i} to {addr}: {e}"));
+                    s.set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("timeout");
+                    let msg = *b"0123456789abcdef";
+                    s.write_all(&msg).expect("send");
+                    let mut got = [0u8; 16];
+                    s.read_exact(&mut got).expect("echo");
+                    assert_eq!(got, msg, "connection {i} echoed");
+                }
+                start.elapsed() / n.max(1)
+            })
+        };
+        tokio::task::spawn_blocking(run)
+            .await
+            .expect("timing thread")
+            .expect("netns worker")
     }
 
     /// `nft list table inet weft` in a pod, or None when absent.
