@@ -34,14 +34,18 @@ pub struct Outbound {
     pub budget: ConnectBudget,
 }
 
-/// The source workload's own address of the destination's family: tunnels leave from it, and
-/// the far side treats it as the client address.
-fn source_ip(source: &Workload, dest: SocketAddr) -> Option<IpAddr> {
-    source
-        .workload_ips
-        .iter()
+/// The source's own address (of `ips`) of the destination's family: tunnels leave from it,
+/// and the far side treats it as the client address.
+fn source_ip(ips: &[IpAddr], dest: SocketAddr) -> Option<IpAddr> {
+    ips.iter()
         .copied()
         .find(|ip| ip.is_ipv4() == dest.is_ipv4())
+}
+
+/// The address pooled connections leave from toward `dest` (see [`PoolKey`]); unspecified
+/// when the source has none of that family.
+fn pool_source_ip(ips: &[IpAddr], dest: SocketAddr) -> IpAddr {
+    source_ip(ips, dest).unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
 /// Where an established outbound connection's bytes go.
@@ -181,7 +185,7 @@ impl Outbound {
             Transport::Hbone { tunnel, identities } => {
                 let key = PoolKey {
                     source: src_identity.clone(),
-                    source_ip: pool_source_ip(&source, tunnel),
+                    source_ip: pool_source_ip(&source.workload_ips, tunnel),
                     destination: identities.clone(),
                     target: TunnelTarget::Direct(tunnel),
                 };
@@ -228,7 +232,7 @@ impl Outbound {
                 }
             }
             Transport::Plain => {
-                let src_ip = source_ip(&source, route.target);
+                let src_ip = source_ip(&source.workload_ips, route.target);
                 match connect_within(&*self.factory, route.target, src_ip, self.budget.timeout)
                     .await
                 {
@@ -293,7 +297,7 @@ impl Outbound {
     ) -> Result<(Lease, H2Stream), PoolError> {
         let key = PoolKey {
             source: src_identity.clone(),
-            source_ip: pool_source_ip(source, hop.gateway),
+            source_ip: pool_source_ip(&source.workload_ips, hop.gateway),
             destination: identities.clone(),
             target: TunnelTarget::ViaGateway {
                 gateway: hop.gateway,
@@ -335,13 +339,6 @@ struct Dialer {
 }
 
 impl Dialer {
-    fn source_ip(&self, dest: SocketAddr) -> Option<IpAddr> {
-        self.source_ips
-            .iter()
-            .copied()
-            .find(|ip| ip.is_ipv4() == dest.is_ipv4())
-    }
-
     /// A connection to a peer's HBONE port: TCP, then TLS + HTTP/2.
     async fn direct(
         self,
@@ -355,7 +352,7 @@ impl Dialer {
             .await?;
         let config = tls.client_config(self.source.clone(), identities)?;
         let limits = &self.ctx.settings.limits;
-        let src_ip = self.source_ip(tunnel);
+        let src_ip = source_ip(&self.source_ips, tunnel);
         let tcp = connect_within(&*self.factory, tunnel, src_ip, limits.connect_timeout).await?;
         let conn = client::handshake(tcp, config, &self.ctx.settings.h2, limits).await?;
         self.ctx.metrics.handshake_completed("outbound");
@@ -372,9 +369,7 @@ impl Dialer {
     ) -> Result<TunnelConnection, HboneError> {
         let outer_key = PoolKey {
             source: self.source.clone(),
-            source_ip: self
-                .source_ip(hop.gateway)
-                .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            source_ip: pool_source_ip(&self.source_ips, hop.gateway),
             destination: hop.identities.clone(),
             target: TunnelTarget::Direct(hop.gateway),
         };
@@ -393,11 +388,6 @@ impl Dialer {
         self.ctx.metrics.handshake_completed("outbound");
         Ok(conn)
     }
-}
-
-/// The address pooled connections for `source` leave from toward `dest` (see [`PoolKey`]).
-fn pool_source_ip(source: &Workload, dest: SocketAddr) -> IpAddr {
-    source_ip(source, dest).unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
 /// A CONNECT stream for `request` on a pooled connection for `key`, made with `connect` when
