@@ -421,6 +421,13 @@ async fn cross_network(
             "{s:?}"
         );
         assert_eq!(s.network, None);
+        // Byte for byte what ztunnel writes for this pod under istiod (empty keys left out,
+        // the workload key named by its type: `pod`, as istiod sends every pod).
+        assert_eq!(
+            s.baggage,
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=a1,\
+             service.name=frontend,service.version=latest"
+        );
     }
     let ordering = std::sync::atomic::Ordering::SeqCst;
     assert_eq!(

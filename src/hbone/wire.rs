@@ -210,11 +210,39 @@ pub fn forwarded_for<B>(req: &Request<B>) -> Option<SocketAddr> {
         .find_map(|s| s.parse().ok())
 }
 
-/// W3C baggage carrying the source's metadata, in the keys Istio uses.
-pub fn baggage(cluster: &str, namespace: &str, workload: &str, app: &str, version: &str) -> String {
-    format!(
-        "k8s.cluster.name={cluster},k8s.namespace.name={namespace},k8s.deployment.name={workload},service.name={app},service.version={version}"
-    )
+/// The source's metadata an HBONE request carries as W3C baggage, in the keys and order
+/// ztunnel writes them; empty values are left out, as ztunnel leaves them out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Baggage<'a> {
+    pub cluster: &'a str,
+    pub namespace: &'a str,
+    /// Names the workload's key: `k8s.<workload_type>.name`.
+    pub workload_type: &'a str,
+    pub workload: &'a str,
+    pub service: &'a str,
+    pub version: &'a str,
+    pub region: &'a str,
+    pub zone: &'a str,
+}
+
+impl Baggage<'_> {
+    pub fn header(&self) -> String {
+        let workload_key = format!("k8s.{}.name", self.workload_type);
+        [
+            ("k8s.cluster.name", self.cluster),
+            ("k8s.namespace.name", self.namespace),
+            (workload_key.as_str(), self.workload),
+            ("service.name", self.service),
+            ("service.version", self.version),
+            ("cloud.region", self.region),
+            ("cloud.availability_zone", self.zone),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+    }
 }
 
 #[cfg(test)]
@@ -285,11 +313,50 @@ mod tests {
     }
 
     #[test]
+    fn baggage_is_written_as_ztunnel_writes_it() {
+        let full = Baggage {
+            cluster: "Kubernetes",
+            namespace: "shop",
+            workload_type: "cronjob",
+            workload: "report",
+            service: "report",
+            version: "v2",
+            region: "eu-west",
+            zone: "eu-west-1a",
+        };
+        assert_eq!(
+            full.header(),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.cronjob.name=report,\
+             service.name=report,service.version=v2,cloud.region=eu-west,\
+             cloud.availability_zone=eu-west-1a"
+        );
+        let sparse = Baggage {
+            namespace: "shop",
+            workload_type: "deployment",
+            version: "latest",
+            ..Baggage::default()
+        };
+        assert_eq!(
+            sparse.header(),
+            "k8s.namespace.name=shop,service.version=latest"
+        );
+    }
+
+    #[test]
     fn request_has_wire_headers() {
         let r = connect_request(&ConnectRequest {
             authority: Authority::Addr("[fd00::2]:8080".parse().unwrap()),
             client: "10.0.0.9:5555".parse().unwrap(),
-            baggage: baggage("c", "ns", "w", "a", "v"),
+            baggage: Baggage {
+                cluster: "c",
+                namespace: "ns",
+                workload_type: "deployment",
+                workload: "w",
+                service: "a",
+                version: "v",
+                ..Baggage::default()
+            }
+            .header(),
             service_host: Some("web.shop.svc.cluster.local".into()),
             origin_network: None,
         });

@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 use super::translate::{ClusterFacts, RejectedPolicy};
 use super::waypoint;
-use crate::state::{HealthStatus, Protocol, Service, SourceData, Workload};
+use crate::state::{HealthStatus, Locality, Protocol, Service, SourceData, Workload};
 
 mod allocate;
 
@@ -72,6 +72,8 @@ struct WorkloadEntrySpec {
     labels: BTreeMap<String, String>,
     network: String,
     service_account: String,
+    /// `region/zone/subzone`, any part empty.
+    locality: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -227,9 +229,21 @@ fn entry_workload(
         ])
         .unwrap_or_else(|| "latest".into()),
         workload_name: name.to_string(),
+        // As istiod sends WorkloadEntries and inline endpoints to ztunnel.
+        workload_type: "pod".into(),
+        locality: parse_locality(&spec.locality),
         labels,
         status: HealthStatus::Healthy,
         ..Workload::default()
+    }
+}
+
+/// Istio's locality string, `region/zone/subzone` (the subzone is not used here).
+fn parse_locality(s: &str) -> Locality {
+    let mut parts = s.split('/').map(str::trim);
+    Locality {
+        region: parts.next().unwrap_or_default().to_string(),
+        zone: parts.next().unwrap_or_default().to_string(),
     }
 }
 

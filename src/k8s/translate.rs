@@ -354,6 +354,10 @@ pub fn pod_workload(
         canonical_name,
         canonical_revision,
         workload_name,
+        // What istiod sends ztunnel for every pod, whatever owns it.
+        workload_type: "pod".into(),
+        // Nodes' topology labels are not watched in this mode.
+        locality: Default::default(),
         labels,
         status: if ready {
             HealthStatus::Healthy

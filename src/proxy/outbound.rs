@@ -15,7 +15,7 @@ use super::ProxyContext;
 use crate::hbone::client::{self, open_stream, TunnelConnection};
 use crate::hbone::pool::{Lease, Pool, PoolError, PoolKey, TunnelTarget};
 use crate::hbone::stream_io::StreamIo;
-use crate::hbone::wire::{self, ConnectRequest};
+use crate::hbone::wire::ConnectRequest;
 use crate::hbone::{H2Stream, HboneError};
 use crate::identity::{Identity, CERTIFICATE_WAIT};
 use crate::metrics::access_log::{AccessLogEntry, Direction};
@@ -171,13 +171,7 @@ impl Outbound {
         let request = ConnectRequest {
             authority: route.target.into(),
             client: client_addr,
-            baggage: wire::baggage(
-                &source.cluster_id,
-                &source.namespace,
-                source.workload_name_or_name(),
-                source.app(),
-                &source.canonical_revision,
-            ),
+            baggage: source.baggage().header(),
             service_host: route.service.as_ref().map(|s| s.hostname.clone()),
             origin_network: None,
         };

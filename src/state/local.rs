@@ -389,6 +389,9 @@ fn workload(w: LocalWorkload, defaults: &Defaults) -> Result<(Workload, ServiceP
         canonical_name: w.canonical_name,
         canonical_revision: w.canonical_revision,
         workload_name: w.workload_name,
+        // Not read from the file yet (`workloadType`, `locality` are accepted and ignored).
+        workload_type: String::new(),
+        locality: Default::default(),
         labels: w.labels,
         status: w.status,
         authorization_policies: w.authorization_policies,

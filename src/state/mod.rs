@@ -7,4 +7,6 @@ pub mod workload;
 
 pub use service::{Endpoint, Service, ServiceKey, Visibility};
 pub use store::{Delta, EndpointPorts, Snapshot, SourceData, StateStore};
-pub use workload::{GatewayAddress, GatewayDestination, HealthStatus, Netns, Protocol, Workload};
+pub use workload::{
+    GatewayAddress, GatewayDestination, HealthStatus, Locality, Netns, Protocol, Workload,
+};

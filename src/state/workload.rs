@@ -44,6 +44,19 @@ pub enum GatewayDestination {
     Address { network: String, address: IpAddr },
 }
 
+/// Where a workload runs, as the control plane knows it (region and zone of its node).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+}
+
+impl Locality {
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty()
+    }
+}
+
 /// Where a local workload's sockets live. `Pod` is a captured pod; `Here` is weft's own network
 /// namespace (sidecar-like use, and in-process tests).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -71,6 +84,12 @@ pub struct Workload {
     pub canonical_name: String,
     pub canonical_revision: String,
     pub workload_name: String,
+    /// What kind of controller runs it, as the workload API names it (`deployment`, `cronjob`,
+    /// `pod`, `job`); empty is the API's default, `deployment`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub workload_type: String,
+    #[serde(skip_serializing_if = "Locality::is_empty")]
+    pub locality: Locality,
     pub labels: BTreeMap<String, String>,
     pub status: HealthStatus,
     /// Names (`ns/name`) of policies that select this workload explicitly, as ztunnel's local
@@ -112,5 +131,23 @@ impl Workload {
 
     pub fn is_captured(&self) -> bool {
         self.netns.is_some()
+    }
+
+    /// The W3C baggage HBONE requests carry about this workload as their source.
+    pub fn baggage(&self) -> crate::hbone::wire::Baggage<'_> {
+        crate::hbone::wire::Baggage {
+            cluster: &self.cluster_id,
+            namespace: &self.namespace,
+            workload_type: if self.workload_type.is_empty() {
+                "deployment"
+            } else {
+                &self.workload_type
+            },
+            workload: &self.workload_name,
+            service: &self.canonical_name,
+            version: &self.canonical_revision,
+            region: &self.locality.region,
+            zone: &self.locality.zone,
+        }
     }
 }

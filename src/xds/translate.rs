@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use crate::authz::xds_form::ip_from_bytes;
 use crate::proto::workload as pb;
 use crate::state::{
-    EndpointPorts, GatewayAddress, GatewayDestination, HealthStatus, Protocol, Service, ServiceKey,
-    Visibility, Workload,
+    EndpointPorts, GatewayAddress, GatewayDestination, HealthStatus, Locality, Protocol, Service,
+    ServiceKey, Visibility, Workload,
 };
 
 /// HBONE's port where a gateway address says 0.
@@ -151,6 +151,18 @@ fn workload(w: pb::Workload, d: &Defaults) -> Result<(Workload, EndpointPorts), 
     let waypoint = gateway(w.waypoint, &what("waypoint"))?;
     let network_gateway = gateway(w.network_gateway, &what("networkGateway"))?;
     let or = |v: String, default: &str| if v.is_empty() { default.to_string() } else { v };
+    // An unknown number (a newer API) reads as the default, as prost reads it.
+    let workload_type = pb::WorkloadType::try_from(w.workload_type)
+        .unwrap_or_default()
+        .as_str_name()
+        .to_ascii_lowercase();
+    let locality = w
+        .locality
+        .map(|l| Locality {
+            region: l.region,
+            zone: l.zone,
+        })
+        .unwrap_or_default();
     let workload = Workload {
         uid: w.uid,
         name: w.name,
@@ -166,6 +178,8 @@ fn workload(w: pb::Workload, d: &Defaults) -> Result<(Workload, EndpointPorts), 
         canonical_name: w.canonical_name,
         canonical_revision: w.canonical_revision,
         workload_name: w.workload_name,
+        workload_type,
+        locality,
         labels: BTreeMap::new(),
         status,
         authorization_policies: w.authorization_policies,
@@ -285,6 +299,36 @@ mod tests {
         assert_eq!(w.waypoint.as_ref().map(|g| g.hbone_mtls_port), Some(15008));
         let key: ServiceKey = "shop/web.shop.svc.cluster.local".parse().unwrap();
         assert_eq!(eps[&key], BTreeMap::from([(80, 8080)]));
+    }
+
+    #[test]
+    fn workload_type_and_locality_are_kept_for_the_baggage() {
+        let a = |w: pb::Workload| pb::Address {
+            r#type: Some(pb::address::Type::Workload(w)),
+        };
+        let mut p = pod();
+        p.workload_name = "web".into();
+        p.workload_type = pb::WorkloadType::Pod as i32;
+        p.locality = Some(pb::Locality {
+            region: "eu".into(),
+            zone: "eu-1".into(),
+            subzone: String::new(),
+        });
+        let Translated::Workload(w, _) = address(a(p), &defaults()).unwrap() else {
+            panic!("a workload");
+        };
+        assert_eq!(
+            w.baggage().header(),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=web,\
+             cloud.region=eu,cloud.availability_zone=eu-1"
+        );
+        // Unset (the API's default) is a deployment; a number this weft does not know too.
+        let mut p = pod();
+        p.workload_type = 99;
+        let Translated::Workload(w, _) = address(a(p), &defaults()).unwrap() else {
+            panic!("a workload");
+        };
+        assert_eq!(w.workload_type, "deployment");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub struct Seen {
     pub forwarded: String,
     /// The `x-forwarded-network` header (double HBONE puts it on the inner request only).
     pub network: Option<String>,
+    pub baggage: String,
 }
 
 /// Where the hop sends a stream.
@@ -169,6 +170,7 @@ impl TestHop {
                             authority: authority.clone(),
                             client: client.clone(),
                             forwarded: header("forwarded"),
+                            baggage: header("baggage"),
                             network: req
                                 .headers()
                                 .get("x-forwarded-network")
