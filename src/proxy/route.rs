@@ -129,7 +129,8 @@ pub fn decide(
         .filter(|s| s.visible_to(&source.namespace));
     if let Some(service) = service {
         if let Some(waypoint) = &service.waypoint {
-            if let Some(route) = via_waypoint(snap, waypoint, source, original_dst, ports)? {
+            let route = via_waypoint(snap, waypoint, Some(service), source, original_dst, ports)?;
+            if let Some(route) = route {
                 return Ok(Decision::Ready(Route {
                     service: Some(service.clone()),
                     ..route
@@ -150,8 +151,13 @@ pub fn decide(
             return Err(RouteError::NoHealthyEndpoint(key.to_string()));
         }
         let ep = endpoints[rand::rng().random_range(0..endpoints.len())];
-        if ep.workload.network != source.network {
-            return through_gateway(snap, service, &ep.workload, original_dst).map(Decision::Ready);
+        if let (true, Some(gateway)) = (
+            ep.workload.network != source.network,
+            &ep.workload.network_gateway,
+        ) {
+            let identities = identities_on(snap, service, &ep.workload.network);
+            return through_gateway(snap, gateway, identities, service, original_dst)
+                .map(Decision::Ready);
         }
         let port = ep.target_port(service, original_dst.port());
         let Some(ip) = address_for(&ep.workload, original_dst) else {
@@ -265,19 +271,38 @@ fn sans(service: &Service) -> impl Iterator<Item = Identity> + '_ {
 fn via_waypoint(
     snap: &Snapshot,
     waypoint: &GatewayAddress,
+    addressed: Option<&Arc<Service>>,
     source: &Workload,
     original_dst: SocketAddr,
     ports: &Ports,
 ) -> Result<Option<Route>, RouteError> {
     let unknown = || RouteError::NoWaypoint(waypoint_name(waypoint));
-    let hops = HopInstances::of(snap, waypoint).ok_or_else(unknown)?;
+    let mut hops = HopInstances::of(snap, waypoint).ok_or_else(unknown)?;
     if hops.instances.iter().any(|w| w.uid == source.uid) {
         return Ok(None);
     }
     if ports.is_own(original_dst.port()) {
         return Err(RouteError::OwnPort(original_dst));
     }
+    hops.instances.retain(|w| reachable_from(w, source));
     let hop = hops.pick(waypoint, original_dst).ok_or_else(unknown)?;
+    if hop.instance.network != source.network {
+        // A waypoint on another network is reached as a service there is: through that
+        // network's gateway, by the addressed service's name (only service-addressed traffic
+        // crosses networks, as in ztunnel). Any of its instances there may take it.
+        let (Some(addressed), Some(gateway)) = (addressed, &hop.instance.network_gateway) else {
+            return Err(unknown());
+        };
+        let mut identities = Vec::new();
+        if let Some(wp_service) = hops.service {
+            identities = identities_on(snap, wp_service, &hop.instance.network);
+        }
+        if identities.is_empty() {
+            identities = hop.identities;
+        }
+        let route = through_gateway(snap, gateway, identities, addressed, original_dst)?;
+        return Ok(Some(route));
+    }
     Ok(Some(Route {
         transport: Transport::Hbone {
             tunnel: hop.addr,
@@ -289,32 +314,36 @@ fn via_waypoint(
     }))
 }
 
-/// The route to `service` through the gateway of `endpoint`'s network. The gateway picks the
-/// endpoint, so the inner tunnel accepts any healthy endpoint of the service on that network
-/// (and the service's SANs), and the client's view of the destination is the service only.
-fn through_gateway(
-    snap: &Snapshot,
-    service: &Arc<Service>,
-    endpoint: &Workload,
-    original_dst: SocketAddr,
-) -> Result<Route, RouteError> {
-    let Some(gateway) = &endpoint.network_gateway else {
-        return Err(RouteError::NoHealthyEndpoint(service.key().to_string()));
-    };
-    let unknown = || RouteError::NoGateway(waypoint_name(gateway));
-    let hop = HopInstances::of(snap, gateway)
-        .and_then(|hops| hops.pick(gateway, original_dst))
-        .ok_or_else(unknown)?;
+/// The identities the healthy endpoints of `service` on `network` present, and the service's
+/// SANs: what an inner tunnel accepts when a gateway picks among them.
+fn identities_on(snap: &Snapshot, service: &Service, network: &str) -> Vec<Identity> {
     let mut identities: Vec<Identity> = Vec::new();
     let remote = snap
         .healthy_endpoints(&service.key())
-        .filter(|e| e.workload.network == endpoint.network)
+        .filter(|e| e.workload.network == network)
         .map(|e| e.workload.identity());
     for id in remote.chain(sans(service)) {
         if !identities.contains(&id) {
             identities.push(id);
         }
     }
+    identities
+}
+
+/// The route to `service` through `gateway` (of the network the chosen endpoint or waypoint
+/// is on). The gateway picks the endpoint, so the inner tunnel accepts any of `identities`,
+/// and the client's view of the destination is the service only.
+fn through_gateway(
+    snap: &Snapshot,
+    gateway: &GatewayAddress,
+    identities: Vec<Identity>,
+    service: &Arc<Service>,
+    original_dst: SocketAddr,
+) -> Result<Route, RouteError> {
+    let unknown = || RouteError::NoGateway(waypoint_name(gateway));
+    let hop = HopInstances::of(snap, gateway)
+        .and_then(|hops| hops.pick(gateway, original_dst))
+        .ok_or_else(unknown)?;
     Ok(Route {
         transport: Transport::ViaGateway {
             gateway: hop.addr,
@@ -371,7 +400,7 @@ fn to_address(
         .filter(|w| w.network == source.network);
     if let Some(w) = local {
         if let Some(waypoint) = &w.waypoint {
-            if let Some(route) = via_waypoint(snap, waypoint, source, dst, ports)? {
+            if let Some(route) = via_waypoint(snap, waypoint, None, source, dst, ports)? {
                 return Ok(route);
             }
         }
@@ -788,14 +817,24 @@ services:
     /// 10.250.3.100 (one instance, 10.250.3.9, identity `istio-system/sa/eastwest`), and a
     /// second endpoint `server-2` on `west` with another identity.
     fn two_networks() -> Arc<Snapshot> {
-        let mut data = snapshot_data(CONFIG);
-        let gateway = GatewayAddress {
+        let store = StateStore::new("istio-system");
+        store.replace_source("t", two_networks_data());
+        store.snapshot()
+    }
+
+    fn west_gateway() -> GatewayAddress {
+        GatewayAddress {
             destination: GatewayDestination::Address {
                 network: "west".into(),
                 address: "10.250.3.100".parse().unwrap(),
             },
             hbone_mtls_port: 15008,
-        };
+        }
+    }
+
+    fn two_networks_data() -> SourceData {
+        let mut data = snapshot_data(CONFIG);
+        let gateway = west_gateway();
         for w in &mut data.workloads {
             w.network = "west".into();
             w.network_gateway = Some(gateway.clone());
@@ -841,9 +880,7 @@ services:
             .push((gw_service.key(), "eastwest-1".into(), BTreeMap::new()));
         data.workloads.extend([server2, gw]);
         data.services.push(gw_service);
-        let store = StateStore::new("istio-system");
-        store.replace_source("t", data);
-        store.snapshot()
+        data
     }
 
     fn on_network(network: &str) -> Workload {
@@ -896,6 +933,83 @@ services:
         ));
         assert_eq!(r.transport, Transport::Plain);
         assert!(r.destination.is_none());
+    }
+
+    #[test]
+    fn a_waypoint_on_another_network_is_reached_through_its_gateway() {
+        // two_networks(), and `server`'s service names a waypoint whose one instance is on west.
+        let mut data = two_networks_data();
+        let waypoint = Workload {
+            uid: "waypoint-west".into(),
+            name: "waypoint-west".into(),
+            namespace: "shop".into(),
+            service_account: "waypoint".into(),
+            trust_domain: "cluster.local".into(),
+            workload_ips: vec!["10.250.2.9".parse().unwrap()],
+            protocol: Protocol::HBONE,
+            network: "west".into(),
+            network_gateway: Some(west_gateway()),
+            ..Workload::default()
+        };
+        let wp_service = Service {
+            name: "waypoint".into(),
+            namespace: "shop".into(),
+            hostname: "waypoint.shop.svc.cluster.local".into(),
+            vips: vec!["10.250.128.98".parse().unwrap()],
+            ports: BTreeMap::from([(15008, 15008)]),
+            subject_alt_names: vec![],
+            waypoint: None,
+            passthrough: false,
+            visibility: Default::default(),
+        };
+        data.services[0].waypoint = Some(GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "shop".into(),
+                hostname: "waypoint.shop.svc.cluster.local".into(),
+            },
+            hbone_mtls_port: 15008,
+        });
+        data.endpoints
+            .push((wp_service.key(), "waypoint-west".into(), BTreeMap::new()));
+        data.services.push(wp_service);
+        data.workloads.push(waypoint);
+        let store = StateStore::new("istio-system");
+        store.replace_source("t", data);
+        let snap = store.snapshot();
+        let r = ready(decide(
+            &snap,
+            &on_network("east"),
+            "10.250.128.10:80".parse().unwrap(),
+            &own(),
+        ));
+        let id = |s: &str| s.parse::<Identity>().unwrap();
+        assert_eq!(
+            r.transport,
+            Transport::ViaGateway {
+                gateway: "10.250.3.9:15008".parse().unwrap(),
+                gateway_identities: vec![id("spiffe://cluster.local/ns/istio-system/sa/eastwest")],
+                identities: vec![id("spiffe://cluster.local/ns/shop/sa/waypoint")],
+                authority: Authority::Service {
+                    host: "server.shop.svc.cluster.local".into(),
+                    port: 80
+                },
+            }
+        );
+        assert_eq!(r.service.unwrap().name, "server");
+        // On the waypoint's own network it is reached directly, by the VIP.
+        let r = ready(decide(
+            &snap,
+            &on_network("west"),
+            "10.250.128.10:80".parse().unwrap(),
+            &own(),
+        ));
+        assert_eq!(
+            r.transport,
+            Transport::Hbone {
+                tunnel: "10.250.2.9:15008".parse().unwrap(),
+                identities: vec![id("spiffe://cluster.local/ns/shop/sa/waypoint")],
+            }
+        );
     }
 
     #[test]
