@@ -150,10 +150,11 @@ impl InboundDoor {
         let via_gateway = caller
             .origin_network
             .is_some_and(|n| dst.as_ref().is_none_or(|d| d.network != n));
-        let src = if via_gateway {
-            None
-        } else {
-            snap.workload_by_ip(client_ip).cloned()
+        // A client that is not behind a gateway is on the destination's network.
+        let src = match (&dst, via_gateway) {
+            (_, true) => None,
+            (Some(d), false) => snap.workload_on(&d.network, client_ip).cloned(),
+            (None, false) => snap.workload_by_ip(client_ip).cloned(),
         };
         let app = app_address(&snap, dst.as_deref(), &caller.dest, caller.arrived_on);
         let dest = *app

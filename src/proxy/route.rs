@@ -231,9 +231,11 @@ impl<'s> HopInstances<'s> {
                 .healthy_endpoints(&s.key())
                 .map(|e| &e.workload)
                 .collect(),
-            (None, GatewayDestination::Address { address, .. }) => {
-                snap.workload_by_ip(*address).into_iter().collect()
-            }
+            (None, GatewayDestination::Address { network, address }) => snap
+                .workload_on(network, *address)
+                .or_else(|| snap.workload_by_ip(*address))
+                .into_iter()
+                .collect(),
             (None, GatewayDestination::Hostname { .. }) => Vec::new(),
         };
         Some(HopInstances { service, instances })
@@ -395,9 +397,7 @@ fn to_address(
     dst: SocketAddr,
     ports: &Ports,
 ) -> Result<Route, RouteError> {
-    let local = snap
-        .workload_by_ip(dst.ip())
-        .filter(|w| w.network == source.network);
+    let local = snap.workload_on(&source.network, dst.ip());
     if let Some(w) = local {
         if let Some(waypoint) = &w.waypoint {
             if let Some(route) = via_waypoint(snap, waypoint, None, source, dst, ports)? {

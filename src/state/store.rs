@@ -70,8 +70,10 @@ impl Delta {
 pub struct Snapshot {
     pub generation: u64,
     pub workloads: OrdMap<String, Arc<Workload>>,
+    /// Workloads by address. More than one only where networks reuse addresses (each
+    /// network is its own address space) or two workloads briefly overlap, in arrival order.
     #[serde(skip)]
-    by_ip: PHashMap<IpAddr, Arc<Workload>>,
+    by_ip: PHashMap<IpAddr, Arc<[Arc<Workload>]>>,
     pub services: OrdMap<ServiceKey, Arc<Service>>,
     #[serde(skip)]
     by_vip: PHashMap<IpAddr, Arc<Service>>,
@@ -87,8 +89,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The workload with address `ip`: one this weft captures if any (its own pods are the
+    /// ones an address arriving here means), else the one that arrived last.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip)
+        let all = self.by_ip.get(&ip)?;
+        all.iter().find(|w| w.is_captured()).or(all.last())
+    }
+
+    /// The workload with address `ip` on `network`.
+    pub fn workload_on(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip
+            .get(&ip)?
+            .iter()
+            .rev()
+            .find(|w| w.network == network)
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
@@ -287,14 +301,32 @@ impl StateStore {
     }
 }
 
+/// Sets what the address index holds for `uid` at `ip`: `w`, or nothing; the other workloads
+/// with that address stay.
+fn index_address(
+    by_ip: &mut PHashMap<IpAddr, Arc<[Arc<Workload>]>>,
+    ip: IpAddr,
+    uid: &str,
+    w: Option<&Arc<Workload>>,
+) {
+    let mut all: Vec<Arc<Workload>> = by_ip
+        .get(&ip)
+        .map(|a| a.iter().filter(|o| o.uid != uid).cloned().collect())
+        .unwrap_or_default();
+    all.extend(w.cloned());
+    if all.is_empty() {
+        by_ip.remove(&ip);
+    } else {
+        by_ip.insert(ip, all.into());
+    }
+}
+
 /// Makes the snapshot's view of workload `uid` (its addresses and endpoints) what the sources
 /// now say.
 fn merge_workload(snap: &mut Snapshot, sources: &Sources, uid: &str) {
     if let Some(old) = snap.workloads.remove(uid) {
         for ip in &old.workload_ips {
-            if snap.by_ip.get(ip).is_some_and(|w| w.uid == uid) {
-                snap.by_ip.remove(ip);
-            }
+            index_address(&mut snap.by_ip, *ip, uid, None);
         }
     }
     if let Some(keys) = snap.services_by_uid.remove(uid) {
@@ -312,7 +344,7 @@ fn merge_workload(snap: &mut Snapshot, sources: &Sources, uid: &str) {
     };
     snap.workloads.insert(uid.to_string(), w.clone());
     for ip in &w.workload_ips {
-        snap.by_ip.insert(*ip, w.clone());
+        index_address(&mut snap.by_ip, *ip, uid, Some(w));
     }
     let Some(eps) = sources.endpoints(uid) else {
         return;
@@ -478,6 +510,53 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_address_two_networks_reuse_names_a_workload_on_each() {
+        let on = |uid: &str, network: &str| Workload {
+            network: network.into(),
+            ..w(uid, "10.0.0.1")
+        };
+        let captured = Workload {
+            netns: Some(crate::state::Netns::Here),
+            ..on("local", "east")
+        };
+        let store = StateStore::new("istio-system");
+        store.apply(
+            "xds",
+            Delta {
+                upsert_workloads: vec![
+                    (captured, EndpointPorts::new()),
+                    (on("remote", "west"), EndpointPorts::new()),
+                ],
+                ..Delta::default()
+            },
+        );
+        let s = store.snapshot();
+        let uid = |w: Option<&Arc<Workload>>| w.map(|w| w.uid.clone());
+        assert_eq!(
+            uid(s.workload_on("east", ip("10.0.0.1"))),
+            Some("local".into())
+        );
+        assert_eq!(
+            uid(s.workload_on("west", ip("10.0.0.1"))),
+            Some("remote".into())
+        );
+        assert_eq!(uid(s.workload_on("north", ip("10.0.0.1"))), None);
+        // Unqualified, the address means this weft's own pod, whichever arrived last.
+        assert_eq!(uid(s.workload_by_ip(ip("10.0.0.1"))), Some("local".into()));
+        // Removing one leaves the other indexed.
+        store.apply(
+            "xds",
+            Delta {
+                remove_workloads: vec!["local".into()],
+                ..Delta::default()
+            },
+        );
+        let s = store.snapshot();
+        assert_eq!(uid(s.workload_by_ip(ip("10.0.0.1"))), Some("remote".into()));
+        assert_eq!(uid(s.workload_on("east", ip("10.0.0.1"))), None);
     }
 
     #[test]
