@@ -438,6 +438,17 @@ cmd_paths() {
   echo "istioctl=$ISTIOCTL_BIN"
   echo "install-cni=$INSTALL_CNI_BIN"
   echo "istio-cni=$CNI_PLUGIN_BIN"
+  echo "gateway-api-crds=$(gateway_api_crds)"
+}
+
+# The standard Gateway API CRDs of the version istiod was built with (its go.mod), from the
+# module cache that build filled; empty before `install`.
+gateway_api_crds() {
+  local gomod="$GO_DIR/src/istio-$ISTIO_VERSION/go.mod" v
+  [[ -f $gomod ]] || return 0
+  v="$(awk '$1 == "sigs.k8s.io/gateway-api" { print $2; exit }' "$gomod")"
+  [[ -n $v && -d $GO_DIR/mod/sigs.k8s.io/gateway-api@$v/config/crd/standard ]] || return 0
+  echo "$GO_DIR/mod/sigs.k8s.io/gateway-api@$v/config/crd/standard"
 }
 
 # ---------------------------------------------------------------------------

@@ -454,6 +454,8 @@ async fn weft_runs_under_a_real_istiod() {
         );
     }
 
+    waypoint_from_istiod(&api, &a, &lab).await;
+
     // istioctl (the one built with istiod) reads weft's admin endpoint.
     let dump = http_get(a.node.admin_addr, "/config_dump").await;
     let body = dump.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(&dump);
@@ -494,6 +496,185 @@ async fn weft_runs_under_a_real_istiod() {
         }
     }
     drop(lab);
+}
+
+/// A waypoint as istiod builds it for ambient: a Gateway of class `istio-waypoint` whose status
+/// has an address (the test writes it, as istiod does once the waypoint's deployment has a ready
+/// pod: there is no kubelet here), its instances the pods labelled with the Gateway's name (one,
+/// running at 10.250.2.3 as service account `waypoint`), its Service, and a service labelled to
+/// use it. From istiod's xDS alone, node A must route a1's connections to that service through
+/// the waypoint's instance, the VIP as the authority and the waypoint's identity required.
+async fn waypoint_from_istiod(api: &ApiServer, a: &Weft, lab: &Lab) {
+    let crds = common::apiserver::cached_binary("gateway-api-crds");
+    for crd in ["gatewayclasses", "gateways"] {
+        let file = crds.join(format!("gateway.networking.k8s.io_{crd}.yaml"));
+        api.kubectl(&["apply", "--server-side", "-f", &file.to_string_lossy()]);
+    }
+    api.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd/gateways.gateway.networking.k8s.io",
+    ]);
+    api.apply_yaml(concat!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\n",
+        "spec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {name: mesh, port: 15008, protocol: HBONE}\n",
+        "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: waypoint, namespace: shop}\n",
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: waypoint-0\n  namespace: shop\n",
+        "  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}\n",
+        "spec:\n  serviceAccountName: waypoint\n  nodeName: node-b\n  containers: [{name: proxy, image: proxy}]\n",
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: backend, namespace: shop}\n",
+        "spec:\n  selector: {app: b1}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+    ));
+    api.set_pod_running("shop", "waypoint-0", "10.250.2.3");
+    // istiod's own gateway controller may have made the waypoint's Service; make sure it is
+    // there with the instances as endpoints, as a deployed waypoint has it.
+    if api
+        .kubectl(&[
+            "get",
+            "service",
+            "waypoint",
+            "-n",
+            "shop",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])
+        .trim()
+        .is_empty()
+    {
+        api.apply_yaml(concat!(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: waypoint, namespace: shop}\n",
+            "spec:\n  selector: {gateway.networking.k8s.io/gateway-name: waypoint}\n",
+            "  ports: [{name: mesh, port: 15008}]\n",
+        ));
+    }
+    api.kubectl(&[
+        "patch",
+        "gateway",
+        "waypoint",
+        "-n",
+        "shop",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"addresses":[{"type":"Hostname","value":"waypoint.shop.svc.cluster.local"}]}}"#,
+    ]);
+    api.kubectl(&[
+        "label",
+        "service",
+        "backend",
+        "-n",
+        "shop",
+        "istio.io/use-waypoint=waypoint",
+    ]);
+    let took = wait_for(
+        "node A holds the backend's waypoint from istiod",
+        Duration::from_secs(60),
+        || {
+            let snap = a.node.ctx.state.snapshot();
+            let named = snap
+                .services_by_hostname("backend.shop.svc.cluster.local")
+                .any(|s| s.waypoint.is_some());
+            let instance = snap
+                .services_by_hostname("waypoint.shop.svc.cluster.local")
+                .any(|s| snap.healthy_endpoints(&s.key()).count() == 1);
+            named && instance
+        },
+    )
+    .await;
+    eprintln!("FIGURE Gateway and use-waypoint label applied -> waypoint held by weft from istiod: {took:?}");
+    let snap = a.node.ctx.state.snapshot();
+    let backend = snap
+        .services_by_hostname("backend.shop.svc.cluster.local")
+        .next()
+        .cloned()
+        .expect("backend");
+    assert_eq!(
+        backend.waypoint,
+        Some(weft::state::GatewayAddress {
+            destination: weft::state::GatewayDestination::Hostname {
+                namespace: "shop".into(),
+                hostname: "waypoint.shop.svc.cluster.local".into(),
+            },
+            hbone_mtls_port: 15008,
+        }),
+        "the waypoint as istiod names it"
+    );
+    let a1 = snap
+        .workload_by_ip("10.250.1.2".parse().unwrap())
+        .cloned()
+        .expect("a1");
+    let vip = std::net::SocketAddr::new(*backend.vips.first().expect("a VIP"), 80);
+    let decision = weft::proxy::route::decide(&snap, &a1, vip, &a.node.ctx.settings.ports);
+    let Ok(weft::proxy::route::Decision::Ready(route)) = decision else {
+        panic!("no route to the backend: {decision:?}");
+    };
+    assert_eq!(
+        route.transport,
+        weft::proxy::route::Transport::Hbone {
+            tunnel: "10.250.2.3:15008".parse().unwrap(),
+            identities: vec![Identity::new("cluster.local", "shop", "waypoint")],
+        },
+        "to the waypoint's instance, its identity required"
+    );
+    assert_eq!(route.target, vip, "the VIP stays the authority");
+
+    // And on the wire: the test hop in b2's namespace stands in for the waypoint's proxy, with
+    // a certificate from istiod's own CA for the waypoint's identity, and relays to b2's app.
+    let ca_dir = tempfile::tempdir().unwrap();
+    for (key, file) in [
+        ("ca-cert\\.pem", "ca-cert.pem"),
+        ("ca-key\\.pem", "ca-key.pem"),
+    ] {
+        let b64 = api.kubectl(&[
+            "get",
+            "secret",
+            "istio-ca-secret",
+            "-n",
+            "istio-system",
+            "-o",
+            &format!("jsonpath={{.data.{key}}}"),
+        ]);
+        let pem = base64_decode(b64.trim());
+        std::fs::write(ca_dir.path().join(file), &pem).unwrap();
+        if file == "ca-cert.pem" {
+            std::fs::write(ca_dir.path().join("root-cert.pem"), &pem).unwrap();
+        }
+    }
+    let istiod_ca = weft::identity::CertificateAuthority::load(ca_dir.path())
+        .expect("istiod's self-signed CA as weft's CA type");
+    let hop = common::hbone_hop::TestHop::start(
+        &lab.netns_path("b2"),
+        "10.250.2.3:15008".parse().unwrap(),
+        &istiod_ca,
+        &Identity::new("cluster.local", "shop", "waypoint"),
+        common::hbone_hop::Upstream::Fixed("10.250.2.3:8080".parse().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        lab.send("a1", &vip.ip().to_string(), 80, "via-istiod-waypoint"),
+        Ok("via-istiod-waypoint".into())
+    );
+    let seen = hop.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].authority, vip.to_string());
+    assert_eq!(seen[0].client, CLIENT);
+    assert!(
+        seen[0]
+            .forwarded
+            .ends_with(";host=backend.shop.svc.cluster.local"),
+        "{seen:?}"
+    );
+    hop.stop().await;
+}
+
+/// Standard base64 (what `kubectl get secret -o jsonpath` prints).
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64 from kubectl")
 }
 
 /// The leaf verifies to the roots in `root_pem` (webpki, as a peer would check it).
