@@ -669,31 +669,44 @@ services:
         assert!(r.service.is_none());
     }
 
-    /// CONFIG, with a waypoint (a service of one instance, 10.250.1.9, in namespace `infra`)
-    /// named by `server`'s service (by hostname) and by `legacy` (by address).
-    fn with_waypoint() -> Arc<Snapshot> {
-        let mut data = snapshot_data(CONFIG);
-        let waypoint = Workload {
-            uid: "waypoint-1".into(),
-            name: "waypoint-1".into(),
-            namespace: "infra".into(),
-            service_account: "waypoint".into(),
+    /// An HBONE workload (uid = name) with service account `sa`, on `network`, at `ip` or
+    /// known by no address.
+    fn mesh_workload(name: &str, ns: &str, sa: &str, ip: Option<&str>, network: &str) -> Workload {
+        Workload {
+            uid: name.into(),
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
             trust_domain: "cluster.local".into(),
-            workload_ips: vec!["10.250.1.9".parse().unwrap()],
+            workload_ips: ip.into_iter().map(|ip| ip.parse().unwrap()).collect(),
             protocol: Protocol::HBONE,
+            network: network.into(),
             ..Workload::default()
-        };
-        let wp_service = Service {
-            name: "waypoint".into(),
-            namespace: "infra".into(),
-            hostname: "waypoint.infra.svc.cluster.local".into(),
-            vips: vec!["10.250.128.99".parse().unwrap()],
+        }
+    }
+
+    /// Service `<name>.<ns>.svc.cluster.local` at `vip`, on the HBONE port (a waypoint's or a
+    /// gateway's).
+    fn hbone_service(name: &str, ns: &str, vip: &str) -> Service {
+        Service {
+            name: name.into(),
+            namespace: ns.into(),
+            hostname: format!("{name}.{ns}.svc.cluster.local"),
+            vips: vec![vip.parse().unwrap()],
             ports: BTreeMap::from([(15008, 15008)]),
             subject_alt_names: vec![],
             waypoint: None,
             passthrough: false,
             visibility: Default::default(),
-        };
+        }
+    }
+
+    /// CONFIG, with a waypoint (a service of one instance, 10.250.1.9, in namespace `infra`)
+    /// named by `server`'s service (by hostname) and by `legacy` (by address).
+    fn with_waypoint() -> Arc<Snapshot> {
+        let mut data = snapshot_data(CONFIG);
+        let waypoint = mesh_workload("waypoint-1", "infra", "waypoint", Some("10.250.1.9"), "");
+        let wp_service = hbone_service("waypoint", "infra", "10.250.128.99");
         data.endpoints
             .push((wp_service.key(), "waypoint-1".into(), BTreeMap::new()));
         for s in &mut data.services {
@@ -839,40 +852,19 @@ services:
             w.network = "west".into();
             w.network_gateway = Some(gateway.clone());
         }
+        // Known by no address: reachable only through the gateway.
         let server2 = Workload {
-            uid: "server-2".into(),
-            name: "server-2".into(),
-            namespace: "shop".into(),
-            service_account: "server-2".into(),
-            trust_domain: "cluster.local".into(),
-            protocol: Protocol::HBONE,
-            network: "west".into(),
-            // Known by no address: reachable only through the gateway.
             network_gateway: Some(gateway),
-            ..Workload::default()
+            ..mesh_workload("server-2", "shop", "server-2", None, "west")
         };
-        let gw = Workload {
-            uid: "eastwest-1".into(),
-            name: "eastwest-1".into(),
-            namespace: "istio-system".into(),
-            service_account: "eastwest".into(),
-            trust_domain: "cluster.local".into(),
-            workload_ips: vec!["10.250.3.9".parse().unwrap()],
-            protocol: Protocol::HBONE,
-            network: "west".into(),
-            ..Workload::default()
-        };
-        let gw_service = Service {
-            name: "eastwest".into(),
-            namespace: "istio-system".into(),
-            hostname: "eastwest.istio-system.svc.cluster.local".into(),
-            vips: vec!["10.250.3.100".parse().unwrap()],
-            ports: BTreeMap::from([(15008, 15008)]),
-            subject_alt_names: vec![],
-            waypoint: None,
-            passthrough: false,
-            visibility: Default::default(),
-        };
+        let gw = mesh_workload(
+            "eastwest-1",
+            "istio-system",
+            "eastwest",
+            Some("10.250.3.9"),
+            "west",
+        );
+        let gw_service = hbone_service("eastwest", "istio-system", "10.250.3.100");
         let server_key = data.services[0].key();
         data.endpoints
             .push((server_key, "server-2".into(), BTreeMap::new()));
@@ -940,28 +932,16 @@ services:
         // two_networks(), and `server`'s service names a waypoint whose one instance is on west.
         let mut data = two_networks_data();
         let waypoint = Workload {
-            uid: "waypoint-west".into(),
-            name: "waypoint-west".into(),
-            namespace: "shop".into(),
-            service_account: "waypoint".into(),
-            trust_domain: "cluster.local".into(),
-            workload_ips: vec!["10.250.2.9".parse().unwrap()],
-            protocol: Protocol::HBONE,
-            network: "west".into(),
             network_gateway: Some(west_gateway()),
-            ..Workload::default()
+            ..mesh_workload(
+                "waypoint-west",
+                "shop",
+                "waypoint",
+                Some("10.250.2.9"),
+                "west",
+            )
         };
-        let wp_service = Service {
-            name: "waypoint".into(),
-            namespace: "shop".into(),
-            hostname: "waypoint.shop.svc.cluster.local".into(),
-            vips: vec!["10.250.128.98".parse().unwrap()],
-            ports: BTreeMap::from([(15008, 15008)]),
-            subject_alt_names: vec![],
-            waypoint: None,
-            passthrough: false,
-            visibility: Default::default(),
-        };
+        let wp_service = hbone_service("waypoint", "shop", "10.250.128.98");
         data.services[0].waypoint = Some(GatewayAddress {
             destination: GatewayDestination::Hostname {
                 namespace: "shop".into(),
