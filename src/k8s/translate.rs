@@ -602,6 +602,15 @@ mod tests {
         }))
     }
 
+    /// The translated workloads by pod name.
+    fn by_name(t: &Translated) -> HashMap<&str, &Workload> {
+        t.data
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w))
+            .collect()
+    }
+
     fn run(view: &ClusterView) -> Translated {
         translate(
             view,
@@ -630,12 +639,7 @@ mod tests {
             ..Default::default()
         };
         let t = run(&view);
-        let w: HashMap<_, _> = t
-            .data
-            .workloads
-            .iter()
-            .map(|w| (w.name.as_str(), w))
-            .collect();
+        let w = by_name(&t);
         assert_eq!(w["a"].protocol, Protocol::HBONE);
         assert_eq!(w["a"].netns, Some(Netns::Pod("/proc/1/a".into())));
         assert_eq!(w["a"].uid, "Kubernetes//Pod/shop/a");
@@ -691,12 +695,7 @@ mod tests {
             ..Default::default()
         };
         let t = run(&view);
-        let w: HashMap<_, _> = t
-            .data
-            .workloads
-            .iter()
-            .map(|w| (w.name.as_str(), w))
-            .collect();
+        let w = by_name(&t);
         assert_eq!(w["a"].network, "east", "the cluster's network");
         assert_eq!(w["a"].network_gateway, None, "east has no gateway");
         assert_eq!(w["b"].network, "west", "the pod's own label");

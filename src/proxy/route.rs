@@ -151,10 +151,11 @@ pub fn decide(
             return Err(RouteError::NoHealthyEndpoint(key.to_string()));
         }
         let ep = endpoints[rand::rng().random_range(0..endpoints.len())];
-        if let (true, Some(gateway)) = (
-            ep.workload.network != source.network,
-            &ep.workload.network_gateway,
-        ) {
+        // Another network's endpoint is a candidate only with a gateway (`reachable_from`).
+        let remote_gateway = (ep.workload.network != source.network)
+            .then_some(ep.workload.network_gateway.as_ref())
+            .flatten();
+        if let Some(gateway) = remote_gateway {
             let identities = identities_on(snap, service, &ep.workload.network);
             return through_gateway(snap, gateway, identities, service, original_dst)
                 .map(Decision::Ready);
@@ -994,45 +995,39 @@ services:
 
     #[test]
     fn without_a_gateway_another_networks_endpoints_are_no_candidates() {
-        let mut data = snapshot_data(CONFIG);
-        for w in &mut data.workloads {
-            w.network = "west".into();
-        }
-        let store = StateStore::new("istio-system");
-        store.replace_source("t", data);
-        let e = decide(
-            &store.snapshot(),
-            &on_network("east"),
-            "10.250.128.10:80".parse().unwrap(),
-            &own(),
-        )
-        .unwrap_err();
+        // CONFIG's workloads all on west, behind `gateway`; a client on east asks for the VIP.
+        let from_east = |gateway: Option<GatewayAddress>| {
+            let mut data = snapshot_data(CONFIG);
+            for w in &mut data.workloads {
+                w.network = "west".into();
+                w.network_gateway = gateway.clone();
+            }
+            let store = StateStore::new("istio-system");
+            store.replace_source("t", data);
+            decide(
+                &store.snapshot(),
+                &on_network("east"),
+                "10.250.128.10:80".parse().unwrap(),
+                &own(),
+            )
+            .unwrap_err()
+        };
         assert_eq!(
-            e,
+            from_east(None),
             RouteError::NoHealthyEndpoint("shop/server.shop.svc.cluster.local".into())
         );
         // A gateway that names nothing known is an error, not a guess.
-        let mut data = snapshot_data(CONFIG);
-        for w in &mut data.workloads {
-            w.network = "west".into();
-            w.network_gateway = Some(GatewayAddress {
-                destination: GatewayDestination::Address {
-                    network: "west".into(),
-                    address: "10.250.3.77".parse().unwrap(),
-                },
-                hbone_mtls_port: 15008,
-            });
-        }
-        let store = StateStore::new("istio-system");
-        store.replace_source("t", data);
-        let e = decide(
-            &store.snapshot(),
-            &on_network("east"),
-            "10.250.128.10:80".parse().unwrap(),
-            &own(),
-        )
-        .unwrap_err();
-        assert_eq!(e, RouteError::NoGateway("west/10.250.3.77".into()));
+        let unknown = GatewayAddress {
+            destination: GatewayDestination::Address {
+                network: "west".into(),
+                address: "10.250.3.77".parse().unwrap(),
+            },
+            hbone_mtls_port: 15008,
+        };
+        assert_eq!(
+            from_east(Some(unknown)),
+            RouteError::NoGateway("west/10.250.3.77".into())
+        );
     }
 
     #[test]
