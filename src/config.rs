@@ -82,6 +82,11 @@ pub struct Limits {
     /// grants window but does not read can hold at most this per stream, so at most
     /// `streams_per_connection` times this per connection.
     pub stream_send_buffer: usize,
+    /// Bytes read from apps and not yet written to TLS, per HBONE connection and in total: when
+    /// a budget is full, the relays stop reading from apps until HTTP/2 has written what is
+    /// queued. Bounds what peers that grant window but do not read can make weft hold.
+    pub buffered_bytes_per_connection: usize,
+    pub buffered_bytes: usize,
     /// HBONE connections held at once, in total and from one peer address.
     pub connections: usize,
     pub connections_per_peer: usize,
@@ -103,6 +108,8 @@ impl Default for Limits {
             streams_per_connection: 200,
             header_list_bytes: 64 * 1024,
             stream_send_buffer: 400 * 1024,
+            buffered_bytes_per_connection: 16 * 1024 * 1024,
+            buffered_bytes: 256 * 1024 * 1024,
             connections: 8192,
             connections_per_peer: 512,
             idle_connection: Duration::from_secs(120),

@@ -335,6 +335,12 @@ struct LimitArgs {
     /// Bytes one stream may queue towards a peer that is not reading.
     #[arg(long, env = "WEFT_STREAM_SEND_BUFFER_BYTES", default_value_t = Limits::default().stream_send_buffer)]
     stream_send_buffer_bytes: usize,
+    /// Bytes read from apps and not yet written to TLS, per HBONE connection.
+    #[arg(long, env = "WEFT_MAX_BUFFERED_BYTES_PER_CONNECTION", default_value_t = Limits::default().buffered_bytes_per_connection)]
+    max_buffered_bytes_per_connection: usize,
+    /// Bytes read from apps and not yet written to TLS, in total.
+    #[arg(long, env = "WEFT_MAX_BUFFERED_BYTES", default_value_t = Limits::default().buffered_bytes)]
+    max_buffered_bytes: usize,
     /// HBONE connections held at once.
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = Limits::default().connections)]
     max_connections: usize,
@@ -364,6 +370,8 @@ impl LimitArgs {
             streams_per_connection: self.max_streams_per_connection.max(1),
             header_list_bytes: self.max_header_list_bytes,
             stream_send_buffer: self.stream_send_buffer_bytes.max(16 * 1024),
+            buffered_bytes_per_connection: self.max_buffered_bytes_per_connection.max(16 * 1024),
+            buffered_bytes: self.max_buffered_bytes.max(16 * 1024),
             connections: self.max_connections,
             connections_per_peer: self.max_connections_per_peer,
             idle_connection: Duration::from_secs(self.idle_connection_seconds),

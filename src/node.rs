@@ -20,6 +20,7 @@ use crate::hbone::tls::{self, TlsContext};
 use crate::identity::{CertManager, CertificateAuthority, CertificateSigner};
 use crate::k8s::{self, translate::ClusterFacts, KubeSettings};
 use crate::metrics::Metrics;
+use crate::proxy::buffers::SendBuffers;
 use crate::proxy::drain::Drain;
 use crate::proxy::limits::{ConnectBudget, ConnectionCaps, LimitReports};
 use crate::proxy::tracker::ConnectionTracker;
@@ -158,6 +159,11 @@ impl Node {
             tracker: Arc::new(ConnectionTracker::default()),
             connections: ConnectionCaps::new(&settings.limits, limits.clone(), metrics.clone()),
             connects: ConnectBudget::process(&settings.limits),
+            send_buffers: SendBuffers::new(
+                &settings.limits,
+                limits.clone(),
+                metrics.buffered_bytes.clone(),
+            ),
             dns_pending: Arc::new(tokio::sync::Semaphore::new(settings.dns.pending)),
             hosts: Arc::new(hosts),
             limits,

@@ -322,3 +322,75 @@ async fn outbound_passthrough_connect_times_out_and_closes_the_client() {
         Some(1.0)
     );
 }
+
+/// An app that writes as fast as it may on every connection (at most 256 MiB each).
+async fn chatty_app(ip: IpAddr) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let chunk = vec![b'x'; 256 * 1024];
+                for _ in 0..1024 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_holds_no_more_than_its_connections_buffer_budget() {
+    const BUDGET: usize = 1024 * 1024;
+    let logs = logs();
+    let f = fixture(Limits {
+        buffered_bytes_per_connection: BUDGET,
+        ..Limits::default()
+    })
+    .await;
+    let app = chatty_app(ip(f.subnet, 3)).await;
+    let cfg = raw_config(Some((&mesh_ca(), client_id())));
+    // 8 streams granted 8 MiB each: without a budget weft would queue 8 × 400 KiB for them.
+    let (send, stalled, conn) = stalling_connect(f.hbone, cfg, 8 << 20).await;
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        streams.push(hold_stream(&send, app).await);
+    }
+    stalled.store(true, std::sync::atomic::Ordering::Release);
+    let metrics = f.node.metrics_addr;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reached(&f.node, "buffered_bytes_per_connection").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the budget was never reached:\n{}",
+            scrape(metrics).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        let held = metric(&scrape(metrics).await, "weft_buffered_bytes", &[]).unwrap();
+        assert!(
+            held > 0.0 && held <= BUDGET as f64,
+            "weft holds {held} bytes for a peer whose budget is {BUDGET}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        logs.lines_with("limit reached")
+            .iter()
+            .any(|l| l.contains("buffered_bytes_per_connection")),
+        "the limit is logged"
+    );
+    // Other peers' traffic carries on.
+    echo_through(&client(&f).await, f.echo, b"another peer").await;
+    // When the peer goes, what was queued for it is given back.
+    conn.abort();
+    drop((streams, send));
+    eventually_metric(metrics, "weft_buffered_bytes", &[], 0.0).await;
+}

@@ -193,6 +193,8 @@ impl Lab {
         Ok(FreshTunnel {
             tls,
             tuning: self.a.ctx.settings.h2.clone(),
+            limits: self.a.ctx.settings.limits.clone(),
+            buffers: self.a.ctx.send_buffers.clone(),
             hbone: SocketAddr::new(ip(self.subnet, 3), self.b.ctx.settings.ports.hbone),
             authority: self.mesh_app,
         })
@@ -396,6 +398,8 @@ pub async fn request_reply(target: SocketAddr, request: &[u8]) -> anyhow::Result
 pub struct FreshTunnel {
     tls: Arc<ClientConfig>,
     tuning: H2Tuning,
+    limits: weft::config::Limits,
+    buffers: Arc<weft::proxy::buffers::SendBuffers>,
     hbone: SocketAddr,
     authority: SocketAddr,
 }
@@ -411,7 +415,8 @@ impl FreshTunnel {
             tcp,
             self.tls.clone(),
             &self.tuning,
-            &weft::config::Limits::default(),
+            &self.limits,
+            &self.buffers,
         )
         .await?;
         let req = ConnectRequest {
@@ -421,7 +426,7 @@ impl FreshTunnel {
             service_host: None,
             origin_network: None,
         };
-        let mut stream = open_stream(&conn.sender, &req).await?;
+        let mut stream = open_stream(&conn, &req).await?;
         let want = request.len() - 3;
         stream.send.send_data(request, true)?;
         let mut got = 0;

@@ -18,12 +18,15 @@ use tracing::debug;
 use super::wire::{self, ConnectRequest};
 use super::{H2Stream, HboneError};
 use crate::config::{H2Tuning, Limits};
+use crate::proxy::buffers::{ConnectionBuffers, SendBuffers};
 
 /// A live HTTP/2 connection to a peer's HBONE port.
 pub struct TunnelConnection {
     pub sender: SendRequest<Bytes>,
     /// Set when the connection's driver has finished: no new streams can use it.
     pub closed: Arc<AtomicBool>,
+    /// What its streams may hold on their way to the peer.
+    pub buffers: Arc<ConnectionBuffers>,
 }
 
 impl TunnelConnection {
@@ -39,9 +42,10 @@ pub async fn handshake(
     tls: Arc<ClientConfig>,
     tuning: &H2Tuning,
     limits: &Limits,
+    buffers: &Arc<SendBuffers>,
 ) -> Result<TunnelConnection, HboneError> {
     let peer: SocketAddr = tcp.peer_addr().map_err(HboneError::Socket)?;
-    handshake_over(tcp, peer, tls, tuning, limits).await
+    handshake_over(tcp, peer, tls, tuning, limits, buffers).await
 }
 
 /// The same over any byte stream: a socket, or an outer CONNECT stream to a network's gateway
@@ -53,6 +57,7 @@ pub async fn handshake_over<IO>(
     tls: Arc<ClientConfig>,
     tuning: &H2Tuning,
     limits: &Limits,
+    buffers: &Arc<SendBuffers>,
 ) -> Result<TunnelConnection, HboneError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -106,15 +111,19 @@ where
         }
         done.store(true, Ordering::Release);
     });
-    Ok(TunnelConnection { sender, closed })
+    Ok(TunnelConnection {
+        sender,
+        closed,
+        buffers: buffers.for_connection(peer),
+    })
 }
 
 /// Sends CONNECT and waits for the answer; anything but 200 is an error.
 pub async fn open_stream(
-    sender: &SendRequest<Bytes>,
+    conn: &TunnelConnection,
     req: &ConnectRequest,
 ) -> Result<H2Stream, HboneError> {
-    let mut ready = sender.clone().ready().await?;
+    let mut ready = conn.sender.clone().ready().await?;
     let (response, send) = ready.send_request(wire::connect_request(req), false)?;
     let response = response.await?;
     if response.status() != StatusCode::OK {
@@ -123,5 +132,6 @@ pub async fn open_stream(
     Ok(H2Stream {
         send,
         recv: response.into_body(),
+        buffers: conn.buffers.clone(),
     })
 }

@@ -46,8 +46,10 @@ pub enum HboneError {
     Gateway(std::sync::Arc<HboneError>),
 }
 
-/// One tunnelled connection: the two halves of an HTTP/2 stream.
+/// One tunnelled connection: the two halves of an HTTP/2 stream, and the budget of what its
+/// connection may hold on its way to the peer.
 pub struct H2Stream {
     pub send: h2::SendStream<bytes::Bytes>,
     pub recv: h2::RecvStream,
+    pub buffers: std::sync::Arc<crate::proxy::buffers::ConnectionBuffers>,
 }

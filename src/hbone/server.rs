@@ -31,6 +31,7 @@ pub struct ServeOptions {
     pub limits: Limits,
     pub reports: Arc<LimitReports>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub buffers: Arc<crate::proxy::buffers::SendBuffers>,
 }
 
 /// The streams in flight on one connection, and since when it has had none.
@@ -70,6 +71,8 @@ pub struct TunnelPeer {
     pub local: SocketAddr,
     /// Proven by the client certificate; the first is the one used for policy.
     pub identities: Vec<Identity>,
+    /// What the connection's streams may hold on their way to this peer.
+    pub buffers: Arc<crate::proxy::buffers::ConnectionBuffers>,
 }
 
 impl TunnelPeer {
@@ -150,6 +153,7 @@ pub async fn serve<H: StreamHandler>(
         addr,
         local,
         identities,
+        buffers: options.buffers.for_connection(addr),
     });
     let arrived_on: IpAddr = local.ip();
     let streams = Arc::new(StreamCount {

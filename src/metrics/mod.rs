@@ -101,6 +101,8 @@ pub struct Metrics {
     pub limits_reached: Family<LimitLabels, Counter>,
     /// HBONE connections held now.
     pub hbone_connections: Gauge,
+    /// Bytes read from apps that HTTP/2 has not yet written to TLS.
+    pub buffered_bytes: Gauge,
     /// Completed HBONE TLS handshakes: what pooling saves.
     pub hbone_handshakes: Family<HandshakeLabels, Counter>,
     /// Proxied connections (either direction) open now: what a drain waits for.
@@ -151,6 +153,7 @@ impl Metrics {
             xds_rejected: Family::default(),
             limits_reached: Family::default(),
             hbone_connections: Gauge::default(),
+            buffered_bytes: Gauge::default(),
             hbone_handshakes: Family::default(),
             live_connections: Gauge::default(),
             dns: Default::default(),
@@ -244,6 +247,11 @@ impl Metrics {
             "hbone_connections",
             "Inbound HBONE connections held now",
             m.hbone_connections.clone(),
+        );
+        weft.register(
+            "buffered_bytes",
+            "Bytes read from apps on their way into HBONE that HTTP/2 has not yet written to TLS",
+            m.buffered_bytes.clone(),
         );
         weft.register(
             "hbone_handshakes",

@@ -96,6 +96,7 @@ impl Inbound {
             stream: H2Stream {
                 send,
                 recv: req.into_body(),
+                buffers: peer.buffers.clone(),
             },
             guard,
             tracked,

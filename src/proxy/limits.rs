@@ -33,6 +33,8 @@ pub enum Limit {
     HandshakeTimeout,
     DnsPending,
     DnsPendingPerPod,
+    BufferedBytesPerConnection,
+    BufferedBytes,
 }
 
 impl Limit {
@@ -49,6 +51,8 @@ impl Limit {
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::DnsPending => "dns_pending",
             Limit::DnsPendingPerPod => "dns_pending_per_pod",
+            Limit::BufferedBytesPerConnection => "buffered_bytes_per_connection",
+            Limit::BufferedBytes => "buffered_bytes",
         }
     }
 }

@@ -145,6 +145,7 @@ impl WorkloadProxy {
             limits: ctx.settings.limits.clone(),
             reports: ctx.limits.clone(),
             metrics: ctx.metrics.clone(),
+            buffers: ctx.send_buffers.clone(),
         });
         let identity = Arc::new(workload.identity());
         for addr in &listen.hbone {

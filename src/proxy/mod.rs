@@ -3,6 +3,7 @@
 
 pub mod admit;
 pub mod authorize;
+pub mod buffers;
 pub mod drain;
 pub mod inbound;
 pub mod inbound_plain;
@@ -36,6 +37,8 @@ pub struct ProxyContext {
     pub limits: Arc<limits::LimitReports>,
     /// HBONE connections held, against `settings.limits`.
     pub connections: Arc<limits::ConnectionCaps>,
+    /// What the relays may hold on its way into HBONE, per connection and in total.
+    pub send_buffers: Arc<buffers::SendBuffers>,
     /// The process-wide budget of pending upstream connects (each pod has its own within it).
     pub connects: Arc<tokio::sync::Semaphore>,
     /// The process-wide budget of forwarded DNS queries in flight.

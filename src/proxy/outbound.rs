@@ -305,7 +305,7 @@ impl Outbound {
             // Unpooled (ztunnel's way): a fresh inner connection per client connection, so the
             // gateway balances each one; it lives as long as its one stream.
             let conn = connect().await.map_err(|e| PoolError(Arc::new(e)))?;
-            let stream = open_stream(&conn.sender, inner)
+            let stream = open_stream(&conn, inner)
                 .await
                 .map_err(|e| PoolError(Arc::new(e)))?;
             return Ok((Lease::unpooled(conn), stream));
@@ -348,7 +348,14 @@ impl Dialer {
         let limits = &self.ctx.settings.limits;
         let src_ip = source_ip(&self.source_ips, tunnel);
         let tcp = connect_within(&*self.factory, tunnel, src_ip, limits.connect_timeout).await?;
-        let conn = client::handshake(tcp, config, &self.ctx.settings.h2, limits).await?;
+        let conn = client::handshake(
+            tcp,
+            config,
+            &self.ctx.settings.h2,
+            limits,
+            &self.ctx.send_buffers,
+        )
+        .await?;
         self.ctx.metrics.handshake_completed("outbound");
         Ok(conn)
     }
@@ -377,8 +384,15 @@ impl Dialer {
             .client_config(self.source.clone(), identities)?;
         let io = StreamIo::new(stream, Some(lease));
         let limits = &self.ctx.settings.limits;
-        let conn =
-            client::handshake_over(io, hop.gateway, config, &self.ctx.settings.h2, limits).await?;
+        let conn = client::handshake_over(
+            io,
+            hop.gateway,
+            config,
+            &self.ctx.settings.h2,
+            limits,
+            &self.ctx.send_buffers,
+        )
+        .await?;
         self.ctx.metrics.handshake_completed("outbound");
         Ok(conn)
     }
@@ -398,7 +412,7 @@ where
     Fut: std::future::Future<Output = Result<TunnelConnection, HboneError>> + Send + 'static,
 {
     let lease = pool.checkout(key, &connect).await?;
-    match open_stream(&lease.connection().sender, request).await {
+    match open_stream(lease.connection(), request).await {
         Ok(stream) => return Ok((lease, stream)),
         Err(HboneError::H2(e)) => {
             debug!(target = ?key.target, error = %e, "pooled tunnel connection failed; retrying on a new one");
@@ -407,7 +421,7 @@ where
         Err(e) => return Err(PoolError(Arc::new(e))),
     }
     let lease = pool.checkout(key, &connect).await?;
-    let stream = open_stream(&lease.connection().sender, request)
+    let stream = open_stream(lease.connection(), request)
         .await
         .map_err(|e| PoolError(Arc::new(e)))?;
     Ok((lease, stream))

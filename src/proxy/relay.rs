@@ -16,6 +16,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
+use super::buffers::ConnectionBuffers;
 use crate::hbone::H2Stream;
 use crate::metrics::connection::{ByteCounters, ConnectionGuard};
 
@@ -41,33 +42,55 @@ pub fn record(guard: &mut ConnectionGuard, (moved, result): (Transferred, io::Re
     }
 }
 
+/// How much to read next from one socket: follows the traffic.
+struct ChunkSize(usize);
+
+impl ChunkSize {
+    fn new() -> Self {
+        ChunkSize(MIN_BUF)
+    }
+
+    fn get(&self) -> usize {
+        self.0
+    }
+
+    /// After `n` bytes were read into a buffer of `capacity`: doubles while reads fill chunks,
+    /// halves when they come in small; says whether the bytes should be copied out so the
+    /// buffer can be freed.
+    fn after_read(&mut self, n: usize, capacity: usize) -> bool {
+        if n == self.0 {
+            self.0 = (self.0 * 2).min(MAX_BUF);
+        } else if n < self.0 / 4 {
+            self.0 = (self.0 / 2).max(MIN_BUF);
+        }
+        n < capacity / COPY_BELOW_FRACTION
+    }
+}
+
 /// Reads one socket in chunks whose size follows the traffic.
 struct ChunkReader {
-    size: usize,
+    size: ChunkSize,
 }
 
 impl ChunkReader {
     fn new() -> Self {
-        ChunkReader { size: MIN_BUF }
+        ChunkReader {
+            size: ChunkSize::new(),
+        }
     }
 
     /// The next chunk; empty at end of stream.
     async fn next(&mut self, r: &OwnedReadHalf) -> io::Result<Bytes> {
         loop {
             r.readable().await?;
-            let mut buf = BytesMut::with_capacity(self.size);
+            let mut buf = BytesMut::with_capacity(self.size.get());
             let n = match r.try_read_buf(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             };
-            let size = self.size;
-            if n == size {
-                self.size = (size * 2).min(MAX_BUF);
-            } else if n < size / 4 {
-                self.size = (size / 2).max(MIN_BUF);
-            }
-            return Ok(if n < size / COPY_BELOW_FRACTION {
+            let capacity = buf.capacity();
+            return Ok(if self.size.after_read(n, capacity) {
                 Bytes::copy_from_slice(&buf)
             } else {
                 buf.freeze()
@@ -106,32 +129,56 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
+/// Moves what the app sends into the stream. It reads only what the peer's flow-control
+/// window grants and what the connection's buffer budget has room for, so a peer that does
+/// not take the bytes stops the app's reads (TCP back-pressure) instead of filling weft: a
+/// stalled stream holds no buffer at all.
 async fn tcp_to_h2(
     r: &OwnedReadHalf,
     send: &mut SendStream<Bytes>,
+    buffers: &ConnectionBuffers,
     counter: &Counter,
     total: &mut u64,
 ) -> io::Result<()> {
-    let mut reader = ChunkReader::new();
+    let mut size = ChunkSize::new();
     loop {
-        let mut chunk = reader.next(r).await?;
-        if chunk.is_empty() {
-            return send.send_data(Bytes::new(), true).map_err(h2_io);
+        r.readable().await?;
+        let granted = window(send, size.get()).await?;
+        let mut room = buffers.reserve(granted).await;
+        let want = room.len();
+        let mut buf = Vec::with_capacity(want);
+        let read = r.try_read_buf(&mut buf);
+        let n = match read {
+            Ok(0) => return send.send_data(Bytes::new(), true).map_err(h2_io),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                send.reserve_capacity(0);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if size.after_read(n, want) {
+            buf = buf[..n].to_vec();
+            room.shrink_to(n);
         }
-        let n = chunk.len();
-        // Send only what flow control allows, so a slow reader slows this side down.
-        send.reserve_capacity(n);
-        while !chunk.is_empty() {
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => return Err(h2_io(e)),
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
-            };
-            let part = chunk.split_to(granted.min(chunk.len()));
-            send.send_data(part, false).map_err(h2_io)?;
-        }
+        send.send_data(room.attach(buf), false).map_err(h2_io)?;
+        // Window granted but not used goes back to the connection, where other streams need it.
+        send.reserve_capacity(0);
         *total += n as u64;
         counter.inc_by(n as u64);
+    }
+}
+
+/// Waits until the peer's window lets the stream send something; how much (at most `want`).
+async fn window(send: &mut SendStream<Bytes>, want: usize) -> io::Result<usize> {
+    send.reserve_capacity(want);
+    loop {
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(0)) => continue,
+            Some(Ok(c)) => return Ok(c.min(want)),
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+        }
     }
 }
 
@@ -225,7 +272,11 @@ pub async fn tcp_h2(
     side: TcpSide,
     counters: &ByteCounters,
 ) -> (Transferred, io::Result<()>) {
-    let H2Stream { mut send, mut recv } = stream;
+    let H2Stream {
+        mut send,
+        mut recv,
+        buffers,
+    } = stream;
     let (tr, mut tw) = tcp.into_split();
     let mut t = Transferred::default();
     let (from_tcp, from_h2, tcp_total, h2_total) = match side {
@@ -243,7 +294,7 @@ pub async fn tcp_h2(
         ),
     };
     let r = both(
-        pin!(tcp_to_h2(&tr, &mut send, from_tcp, tcp_total)),
+        pin!(tcp_to_h2(&tr, &mut send, &buffers, from_tcp, tcp_total)),
         pin!(h2_to_tcp(&mut recv, &mut tw, from_h2, h2_total)),
     )
     .await;

@@ -177,3 +177,80 @@ pub async fn finish_and_read(
     }
     got
 }
+
+/// A byte stream that stops reading when told to: the peer that grants window and then never
+/// reads its socket.
+pub struct StallingIo<T> {
+    inner: T,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallingIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.stalled.load(std::sync::atomic::Ordering::Acquire) {
+            // Never woken: this peer reads nothing more.
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallingIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// TLS + HTTP/2 to `addr` granting `window` bytes per stream (and 64 times that for the
+/// connection); storing `true` in the flag makes the client stop reading its socket. Aborting
+/// the task closes the connection.
+pub async fn stalling_connect(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    window: u32,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = StallingIo {
+        inner: tcp,
+        stalled: stalled.clone(),
+    };
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(addr.ip().into()), io)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .initial_connection_window_size(window.saturating_mul(64))
+        .handshake(tls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, stalled, task)
+}
