@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::admin::{self, AdminState, Endpoints, LogControl, Readiness};
 use crate::capture::enroll::Enroller;
@@ -313,15 +313,29 @@ async fn revalidate_on_change(ctx: Arc<ProxyContext>) {
     let mut changes = ctx.state.subscribe();
     while changes.changed().await.is_ok() {
         let snap = ctx.state.snapshot();
-        let closed = ctx.tracker.revoke(|c| {
-            snap.workload_by_uid(&c.destination_uid)
-                .is_some_and(|w| authorize::check(&snap, w, c).is_ok())
-        });
-        if closed > 0 {
+        let r = ctx.tracker.revalidate(
+            snap.generation,
+            |uid| {
+                snap.workload_by_uid(uid)
+                    .map(|w| authorize::inputs(&snap, w))
+            },
+            |c| {
+                snap.workload_by_uid(&c.destination_uid)
+                    .is_some_and(|w| authorize::check(&snap, w, c).is_ok())
+            },
+        );
+        if r.closed > 0 {
             info!(
-                closed,
+                closed = r.closed,
+                checked = r.checked,
                 generation = snap.generation,
                 "closed connections that the new policies deny"
+            );
+        } else if r.checked > 0 {
+            debug!(
+                checked = r.checked,
+                generation = snap.generation,
+                "live connections re-checked"
             );
         }
     }

@@ -1,6 +1,7 @@
 //! Selecting the policies that apply to a workload and deciding a connection.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -189,6 +190,8 @@ struct Entry {
     key: String,
     policy: Policy,
     role: Role,
+    /// The policy's content as one number, for [`PolicySet::inputs`].
+    content: u64,
 }
 
 /// The policies that apply to one target. Scope lists are disjoint (each
@@ -299,7 +302,17 @@ impl PolicySet {
                 }
             }
             set.by_key.insert(key.clone(), idx);
-            set.entries.push(Entry { key, policy, role });
+            let content = {
+                let mut h = std::hash::DefaultHasher::new();
+                policy.hash(&mut h);
+                h.finish()
+            };
+            set.entries.push(Entry {
+                key,
+                policy,
+                role,
+                content,
+            });
         }
         set
     }
@@ -372,6 +385,23 @@ impl PolicySet {
             namespace: ns.map(|n| &n.whole),
             extra,
         }
+    }
+
+    /// Everything a verdict for a connection to `target` depends on besides the connection
+    /// itself, as one number: the target's namespace, labels and attached policy names, and
+    /// the content of every policy that applies to it. Equal numbers (in one process) mean
+    /// equal verdicts for equal connections, so a policy change need only re-check the
+    /// connections of targets whose number changed.
+    pub fn inputs(&self, target: &Target<'_>) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        (target.namespace, target.labels, target.policy_names).hash(&mut h);
+        let applicable = self.applicable(target);
+        for role in [Role::Deny, Role::Allow, Role::DryRun] {
+            for e in applicable.with_role(self, role) {
+                (&e.key, e.content).hash(&mut h);
+            }
+        }
+        h.finish()
     }
 
     /// See [`evaluate`].

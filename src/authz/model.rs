@@ -17,7 +17,7 @@ use super::matcher::{ServiceAccountMatch, StringMatch};
 ///
 /// Exists as the single representation the evaluator, the admin
 /// `/config_dump` and both loaders agree on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Policy {
     pub name: String,
@@ -46,7 +46,7 @@ impl Policy {
 ///
 /// Exists because Istio selects policies in three different ways, and the
 /// evaluator indexes each differently.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Scope {
     /// Every workload in the mesh. A namespace-wide policy in the root
@@ -74,7 +74,7 @@ pub enum Action {
 
 /// A conjunction of clauses: the rule matches when every clause matches.
 /// A rule with no clause matches every connection (Istio's `- {}`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Rule {
     pub clauses: Vec<Clause>,
@@ -85,7 +85,7 @@ pub struct Rule {
 ///
 /// A Kubernetes rule's `from` becomes one clause (one match per source), its
 /// `to` another, and each `when` condition one more.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Clause {
     pub matches: Vec<Match>,
@@ -100,7 +100,7 @@ pub struct Clause {
 ///
 /// A match with no field at all never matches, as in ztunnel: an empty match
 /// can only come from a mistake, and it must not silently match everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Match {
     #[serde(skip_serializing_if = "Vec::is_empty")]

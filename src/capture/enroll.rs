@@ -214,7 +214,7 @@ impl Enroller {
                 release(e);
                 if handed {
                     // A handed pod that leaves is gone (or moved): its connections go too.
-                    let closed = self.ctx.tracker.revoke(|c| c.destination_uid != uid);
+                    let closed = self.ctx.tracker.close_all_to(&uid);
                     info!(uid = %uid, closed, "closed the released pod's connections");
                 }
                 certs.release(&identity, &uid);

@@ -199,13 +199,13 @@ impl InboundDoor {
             authorize::check(&snap, &dst, &admitted).map_err(Refusal::Denied)?;
             Ok(admitted)
         })();
+        let decided_on = snap.generation;
         drop(snap);
         let result = match decided {
             Ok(admitted) => match self.connect(dest, client_ip).await {
-                Ok(upstream) => Ok(Admitted {
-                    upstream,
-                    tracked: self.ctx.tracker.track(admitted),
-                }),
+                Ok(upstream) => self
+                    .track(admitted, decided_on)
+                    .map(|tracked| Admitted { upstream, tracked }),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
@@ -214,6 +214,26 @@ impl InboundDoor {
             guard.fail(e.flags(), e);
         }
         (guard, result)
+    }
+
+    /// Tracks a connection decided on the state of `generation`. The state may have changed
+    /// while the app was being connected, before the tracker could see the connection: then it
+    /// is decided again on the state now, so no change escapes it.
+    fn track(
+        &self,
+        admitted: AdmittedConnection,
+        generation: u64,
+    ) -> Result<TrackedConnection, Refusal> {
+        let tracked = self.ctx.tracker.track(admitted.clone(), generation);
+        let now = self.ctx.state.snapshot();
+        if now.generation == generation {
+            return Ok(tracked);
+        }
+        let dst = now
+            .workload_by_uid(&admitted.destination_uid)
+            .ok_or(Refusal::UnknownDestination(admitted.destination_ip))?;
+        authorize::check(&now, dst, &admitted).map_err(Refusal::Denied)?;
+        Ok(tracked)
     }
 
     /// Connects to the app within the pod's connect budget and the connect timeout, from the

@@ -15,6 +15,20 @@ pub enum Denial {
     NoAllowMatched,
 }
 
+fn target(dest: &Workload) -> Target<'_> {
+    Target {
+        namespace: &dest.namespace,
+        labels: &dest.labels,
+        policy_names: &dest.authorization_policies,
+    }
+}
+
+/// What verdicts for connections to `dest` depend on, as one number (see
+/// [`crate::authz::PolicySet::inputs`]).
+pub fn inputs(snap: &Snapshot, dest: &Workload) -> u64 {
+    snap.policies.inputs(&target(dest))
+}
+
 /// Allowed, or denied with the policy that decided.
 pub fn check(snap: &Snapshot, dest: &Workload, conn: &AdmittedConnection) -> Result<(), Denial> {
     let principal = conn.source_identity.as_ref().map(|i| i.principal());
@@ -25,12 +39,7 @@ pub fn check(snap: &Snapshot, dest: &Workload, conn: &AdmittedConnection) -> Res
         destination_ip: conn.destination_ip,
         destination_port: conn.destination_port,
     };
-    let target = Target {
-        namespace: &dest.namespace,
-        labels: &dest.labels,
-        policy_names: &dest.authorization_policies,
-    };
-    let decision = snap.policies.evaluate(&target, &facts);
+    let decision = snap.policies.evaluate(&target(dest), &facts);
     for d in &decision.dry_run {
         info!(policy = %d.policy, would_allow = d.would_allow, src = %conn.source_ip,
             dst = %format!("{}:{}", conn.destination_ip, conn.destination_port), "dry-run policy evaluated");
