@@ -1,23 +1,25 @@
 //! TLS for HBONE: TLS 1.3 only, AES-GCM, ALPN `h2`, mutual authentication by SPIFFE identity.
 //!
-//! Peers are named by identity, not by DNS, so both verifiers here check the chain against the
-//! mesh roots with webpki and then compare SPIFFE URI SANs:
+//! Peers are named by identity, not by DNS, so both verifiers here have rustls verify the chain
+//! against the mesh roots (its client-certificate verifier, and for servers its chain check
+//! without the DNS-name check, which SPIFFE certificates would fail) and then compare SPIFFE
+//! URI SANs:
 //! - the server accepts a client whose chain verifies and whose trust domain is its own;
 //! - the client accepts a server that presents one of the identities it expects.
 
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::ResolvesClientCert;
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, ResolvesClientCert};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
-    OtherError, ServerConfig, SignatureScheme,
+    OtherError, RootCertStore, ServerConfig, SignatureScheme,
 };
-use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::verified::{ChainKey, Role, VerifiedChains};
 use crate::identity::cert::spiffe_identities;
@@ -55,7 +57,9 @@ pub enum TlsSetupError {
 /// The mesh trust: roots, trust domain and provider. Builds client and server configurations.
 pub struct TlsContext {
     provider: Arc<CryptoProvider>,
-    roots: Arc<Vec<TrustAnchor<'static>>>,
+    roots: Arc<RootCertStore>,
+    /// rustls's verification of client chains against `roots`.
+    clients: Arc<dyn ClientCertVerifier>,
     /// Chains verified against `roots`, shared by every configuration built here.
     verified: Arc<VerifiedChains>,
     trust_domain: String,
@@ -89,9 +93,14 @@ impl TlsContext {
         if roots.is_empty() {
             return Err(TlsSetupError::Roots("the root bundle is empty".into()));
         }
+        let roots = Arc::new(RootCertStore { roots });
+        let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsSetupError::Roots(e.to_string()))?;
         Ok(TlsContext {
             provider,
-            roots: Arc::new(roots),
+            roots,
+            clients,
             verified: Arc::default(),
             trust_domain,
             certs,
@@ -193,11 +202,12 @@ impl ResolvesClientCert for CurrentCertificate {
     }
 }
 
-/// Chain verification shared by both directions: webpki against the mesh roots, then the
+/// Chain verification shared by both directions: rustls's against the mesh roots, then the
 /// SPIFFE identities of the leaf; a chain verified before is answered from `verified`.
 #[derive(Debug, Clone)]
 struct ChainVerifier {
-    roots: Arc<Vec<TrustAnchor<'static>>>,
+    roots: Arc<RootCertStore>,
+    clients: Arc<dyn ClientCertVerifier>,
     algorithms: WebPkiSupportedAlgorithms,
     verified: Arc<VerifiedChains>,
 }
@@ -206,6 +216,7 @@ impl ChainVerifier {
     fn new(ctx: &TlsContext) -> Self {
         ChainVerifier {
             roots: ctx.roots.clone(),
+            clients: ctx.clients.clone(),
             algorithms: ctx.provider.signature_verification_algorithms,
             verified: ctx.verified.clone(),
         }
@@ -222,21 +233,19 @@ impl ChainVerifier {
         if let Some(ids) = self.verified.lookup(&key, now) {
             return Ok(ids);
         }
-        let usage = match role {
-            Role::Client => webpki::KeyUsage::client_auth(),
-            Role::Server => webpki::KeyUsage::server_auth(),
-        };
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-        cert.verify_for_usage(
-            self.algorithms.all,
-            &self.roots,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(webpki_error)?;
+        match role {
+            Role::Client => {
+                self.clients
+                    .verify_client_cert(end_entity, intermediates, now)?;
+            }
+            Role::Server => verify_server_cert_signed_by_trust_anchor(
+                &ParsedCertificate::try_from(end_entity)?,
+                &self.roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?,
+        }
         let ids = spiffe_identities(end_entity)
             .map_err(|e| TlsError::InvalidCertificate(CertificateError::Other(other(e))))?;
         if ids.is_empty() {
@@ -267,20 +276,6 @@ pub struct IdentityRefused(pub String);
 
 fn refuse(reason: String) -> TlsError {
     TlsError::InvalidCertificate(CertificateError::Other(other(IdentityRefused(reason))))
-}
-
-fn webpki_error(e: webpki::Error) -> TlsError {
-    use webpki::Error as W;
-    let ce = match e {
-        W::BadDer | W::BadDerTime => CertificateError::BadEncoding,
-        W::CertExpired { .. } => CertificateError::Expired,
-        W::CertNotValidYet { .. } => CertificateError::NotValidYet,
-        W::UnknownIssuer => CertificateError::UnknownIssuer,
-        W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
-        other_err => CertificateError::Other(other(other_err)),
-    };
-    TlsError::InvalidCertificate(ce)
 }
 
 #[derive(Debug)]
