@@ -9,8 +9,10 @@
 
 use std::time::Duration;
 
-/// How often free heap memory is handed back to the kernel.
-const TRIM_PERIOD: Duration = Duration::from_secs(10);
+/// How often free heap memory is handed back to the kernel: often enough that what a peak
+/// took is returned within seconds of the pool closing its spare connections, rarely enough
+/// that a bulk transfer's buffers are not faulted in again more than once per period.
+const TRIM_PERIOD: Duration = Duration::from_secs(5);
 
 /// Sets the allocator's thresholds. Call before any other thread starts.
 pub fn tune() {
@@ -22,17 +24,24 @@ pub fn tune() {
     }
 }
 
-/// Hands free heap memory back to the kernel every [`TRIM_PERIOD`], so memory taken during a
-/// burst of connections does not stay with the process.
-pub async fn release_free_memory() {
-    let mut tick = tokio::time::interval(TRIM_PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim is thread-safe; it only releases pages no allocation uses.
-        unsafe {
-            libc::malloc_trim(0);
+/// Starts (once per process) a thread that hands free heap memory back to the kernel every
+/// [`TRIM_PERIOD`]. A trim walks the whole heap, so it runs on its own thread rather than on
+/// the async runtime.
+pub fn release_free_memory() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("weft-trim".into())
+            .spawn(|| loop {
+                std::thread::sleep(TRIM_PERIOD);
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                // SAFETY: malloc_trim is thread-safe; it only releases pages no allocation uses.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the thread that returns free memory");
         }
-    }
+    });
 }

@@ -50,8 +50,12 @@ pub struct H2Tuning {
     pub max_streams_per_connection: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
-    /// An unused pooled connection is closed after this long.
+    /// An unused pooled connection is closed after this long: the first unused one of each
+    /// destination, kept warm for the next connection.
     pub pool_idle_timeout: Duration,
+    /// The other unused pooled connections of a destination (those a peak opened) are closed
+    /// after this long, and with them the HTTP/2 and TLS state they grew to.
+    pub pool_spare_idle_timeout: Duration,
 }
 
 impl Default for H2Tuning {
@@ -64,6 +68,7 @@ impl Default for H2Tuning {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             pool_idle_timeout: Duration::from_secs(60),
+            pool_spare_idle_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -139,10 +139,11 @@ impl Node {
         let pool = Pool::new(
             settings.h2.max_streams_per_connection,
             settings.h2.pool_idle_timeout,
+            settings.h2.pool_spare_idle_timeout,
         );
         tasks.push(tokio::spawn(pool.clone().run_reaper()));
         tasks.push(tokio::spawn(certs.clone().run_renewals()));
-        tasks.push(tokio::spawn(crate::allocator::release_free_memory()));
+        crate::allocator::release_free_memory();
         let limits = Arc::new(LimitReports::new(metrics.clone()));
         let hosts = {
             let path = settings.dns.own_resolv_conf.clone();

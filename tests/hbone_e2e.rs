@@ -144,6 +144,55 @@ async fn connections_to_one_destination_share_one_tunnel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peaks_spare_connections_are_closed_soon_and_one_stays_warm() {
+    let subnet = unique_subnet();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &two_workloads(subnet));
+    let mut s = settings("a");
+    s.h2.max_streams_per_connection = 2;
+    s.h2.pool_spare_idle_timeout = Duration::from_millis(300);
+    let a = start_node_with(s, &cfg).await;
+    let _b = start_node("b", &cfg).await;
+    let (echo, _) = echo_server(ip(subnet, 3)).await;
+    let (_fwd, entry) = forward(&a, "client-uid", ip(subnet, 2), echo);
+    let handshakes = || async {
+        metric(
+            &scrape(a.metrics_addr).await,
+            "weft_hbone_handshakes_total",
+            &["direction=\"outbound\""],
+        )
+    };
+
+    // Six at once: three pooled connections of two streams each.
+    let mut peak = Vec::new();
+    for _ in 0..6 {
+        let mut c = TcpStream::connect(entry).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await.unwrap();
+        peak.push(c);
+    }
+    assert_eq!(a.ctx.pool.connection_count(), 3);
+    drop(peak);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.ctx.pool.connection_count() > 1 {
+        assert!(Instant::now() < deadline, "the spare connections stayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The warm one outlives the spare timeout, and the next connection reuses it.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(a.ctx.pool.connection_count(), 1, "one stays warm");
+    let before = handshakes().await;
+    assert_eq!(before, Some(3.0));
+    assert_eq!(echo_roundtrip(entry, Arc::new(b"y".to_vec())).await, b"y");
+    assert_eq!(
+        handshakes().await,
+        before,
+        "no new handshake for the next connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_travels_both_ways() {
     let subnet = unique_subnet();
     let dir = tempfile::tempdir().unwrap();

@@ -112,15 +112,21 @@ pub struct Pool {
     entries: Mutex<HashMap<PoolKey, Entry>>,
     max_streams: usize,
     idle_timeout: Duration,
+    spare_idle_timeout: Duration,
     epoch: Instant,
 }
 
 impl Pool {
-    pub fn new(max_streams: usize, idle_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        max_streams: usize,
+        idle_timeout: Duration,
+        spare_idle_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(Pool {
             entries: Mutex::new(HashMap::new()),
             max_streams: max_streams.max(1),
             idle_timeout,
+            spare_idle_timeout: spare_idle_timeout.min(idle_timeout),
             epoch: Instant::now(),
         })
     }
@@ -202,16 +208,29 @@ impl Pool {
         .shared()
     }
 
-    /// Drops connections that are closed or have been idle too long.
+    /// Drops connections that are closed or have been idle too long: the first idle one of a
+    /// key (the one checkout tries first) after the idle timeout, the others after the spare
+    /// timeout.
     pub fn reap(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let idle_ms = self.idle_timeout.as_millis() as u64;
+        let spare_ms = self.spare_idle_timeout.as_millis() as u64;
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.retain(|_, e| {
+            let mut warm_kept = false;
             e.conns.retain(|c| {
-                !c.conn.is_closed()
-                    && (c.streams.load(Ordering::Acquire) > 0
-                        || now.saturating_sub(c.last_used.load(Ordering::Acquire)) < idle_ms)
+                if c.conn.is_closed() {
+                    return false;
+                }
+                if c.streams.load(Ordering::Acquire) > 0 {
+                    return true;
+                }
+                let idle = now.saturating_sub(c.last_used.load(Ordering::Acquire));
+                if !warm_kept {
+                    warm_kept = true;
+                    return idle < idle_ms;
+                }
+                idle < spare_ms
             });
             !e.conns.is_empty() || e.pending.is_some()
         });
@@ -219,7 +238,7 @@ impl Pool {
 
     pub async fn run_reaper(self: Arc<Self>) {
         let period =
-            (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            (self.spare_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
