@@ -139,6 +139,7 @@ async fn streams_per_connection_are_advertised_held_to_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_header_lists_get_431_and_the_connection_carries_on() {
+    let logs = logs();
     let f = fixture(Limits::default()).await;
     let send = client(&f).await;
     let mut req = connect_req(f.echo);
@@ -151,6 +152,13 @@ async fn oversized_header_lists_get_431_and_the_connection_carries_on() {
     let (status, _) = request(&send, req).await;
     assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     echo_through(&send, f.echo, b"after 80 KiB of headers").await;
+    assert_eq!(reached(&f.node, "header_list").await, 1.0);
+    assert!(
+        logs.lines_with("limit reached")
+            .iter()
+            .any(|l| l.contains("header_list") && l.contains("127.")),
+        "the limit is logged with the peer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

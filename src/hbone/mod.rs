@@ -1,6 +1,7 @@
 //! HBONE: TCP connections tunnelled as HTTP/2 CONNECT streams over mutual TLS.
 
 pub mod client;
+pub mod header_limit;
 pub mod pool;
 pub mod server;
 pub mod stream_io;

@@ -168,7 +168,7 @@ pub async fn serve<H: StreamHandler>(
     let mut drain = std::pin::pin!(drain);
     loop {
         let next = tokio::select! {
-            next = conn.accept() => next,
+            next = super::header_limit::accept(&mut conn, addr, &options.reports) => next,
             _ = idle_check.tick(), if !closing => {
                 if streams.idle_for().is_some_and(|d| d >= limits.idle_connection) {
                     options.reports.reached(Limit::IdleConnection, addr, "HBONE connection without streams closed (GOAWAY)");

@@ -4,7 +4,8 @@
 //! those not logged). A flood is a number on a dashboard, never a flood of log lines.
 //!
 //! The two limits HTTP/2 enforces for weft (concurrent streams, header-list size) are set in
-//! [`crate::hbone::server`]; of those, reaching the stream limit is reported here too.
+//! [`crate::hbone::server`]; reaching either is reported here too (the header list through
+//! [`crate::hbone::header_limit`]).
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -35,6 +36,7 @@ pub enum Limit {
     DnsPendingPerPod,
     BufferedBytesPerConnection,
     BufferedBytes,
+    HeaderList,
 }
 
 impl Limit {
@@ -53,6 +55,7 @@ impl Limit {
             Limit::DnsPendingPerPod => "dns_pending_per_pod",
             Limit::BufferedBytesPerConnection => "buffered_bytes_per_connection",
             Limit::BufferedBytes => "buffered_bytes",
+            Limit::HeaderList => "header_list",
         }
     }
 }

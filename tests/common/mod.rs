@@ -88,10 +88,18 @@ pub fn logs() -> LogBuffer {
     LOGS.get_or_init(|| {
         let buf = LogBuffer::default();
         let writer = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("info,weft=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        // As weft's own: the log filter is the log's, the header-limit layer sees h2's events.
+        let _ = tracing_subscriber::registry()
+            .with(weft::hbone::header_limit::layer())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone())
+                    .with_filter(tracing_subscriber::EnvFilter::new("info,weft=debug")),
+            )
             .try_init();
         buf
     })
