@@ -116,14 +116,12 @@ impl AdminState {
 
     fn metrics(&self, req: &Request<Incoming>) -> Response<Body> {
         let openmetrics = wants_openmetrics(req);
-        for c in self.certs.summaries() {
-            self.metrics
-                .certificate_expiry_seconds
-                .get_or_create(&crate::metrics::IdentityLabels {
-                    identity: c.identity,
-                })
-                .set(c.seconds_to_expiry as f64);
-        }
+        self.metrics.set_certificate_expiry(
+            self.certs
+                .summaries()
+                .into_iter()
+                .map(|c| (c.identity, c.seconds_to_expiry as f64)),
+        );
         self.metrics
             .policies
             .set(self.state.snapshot().policies.len() as i64);

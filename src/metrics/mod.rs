@@ -275,6 +275,18 @@ impl Metrics {
     }
 
     /// Prometheus text format (OpenMetrics when `openmetrics` is asked for).
+    /// Sets `weft_certificate_expiry_seconds` to exactly the certificates held now: the series
+    /// of an identity weft no longer holds goes with it.
+    pub fn set_certificate_expiry(&self, held: impl IntoIterator<Item = (String, f64)>) {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.certificate_expiry_seconds.clear();
+        for (identity, seconds) in held {
+            self.certificate_expiry_seconds
+                .get_or_create(&IdentityLabels { identity })
+                .set(seconds);
+        }
+    }
+
     pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
@@ -389,4 +401,26 @@ pub fn encode_registry(registry: &Registry, openmetrics: bool) -> Result<String,
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_expiry_keeps_only_the_identities_held() {
+        let m = Metrics::new();
+        let a = "spiffe://cluster.local/ns/a/sa/a".to_owned();
+        let b = "spiffe://cluster.local/ns/b/sa/b".to_owned();
+        m.set_certificate_expiry([(a.clone(), 100.0), (b.clone(), 200.0)]);
+        let text = m.encode(false).expect("encodes");
+        assert!(text.contains(&a) && text.contains(&b), "{text}");
+        m.set_certificate_expiry([(a.clone(), 90.0)]);
+        let text = m.encode(false).expect("encodes");
+        assert!(text.contains(&format!("identity=\"{a}\"}} 90")), "{text}");
+        assert!(
+            !text.contains(&b),
+            "a released identity keeps its series:\n{text}"
+        );
+    }
 }
