@@ -225,7 +225,44 @@ pub struct Baggage<'a> {
     pub zone: &'a str,
 }
 
-impl Baggage<'_> {
+/// The request's `baggage` header, if any.
+pub fn baggage<B>(req: &Request<B>) -> Option<&str> {
+    req.headers().get("baggage")?.to_str().ok()
+}
+
+impl<'a> Baggage<'a> {
+    /// The keys of a `baggage` header as ztunnel writes them; other members are ignored, and
+    /// so are W3C member properties (after `;`).
+    pub fn parse(header: &'a str) -> Self {
+        let mut b = Baggage::default();
+        for member in header.split(',') {
+            let member = member.split(';').next().unwrap_or_default();
+            let Some((key, value)) = member.split_once('=') else {
+                continue;
+            };
+            let (key, value) = (key.trim(), value.trim());
+            match key {
+                "k8s.cluster.name" => b.cluster = value,
+                "k8s.namespace.name" => b.namespace = value,
+                "service.name" => b.service = value,
+                "service.version" => b.version = value,
+                "cloud.region" => b.region = value,
+                "cloud.availability_zone" => b.zone = value,
+                _ => {
+                    if let Some(kind) = key
+                        .strip_prefix("k8s.")
+                        .and_then(|k| k.strip_suffix(".name"))
+                        .filter(|k| !k.is_empty() && !k.contains('.'))
+                    {
+                        b.workload_type = kind;
+                        b.workload = value;
+                    }
+                }
+            }
+        }
+        b
+    }
+
     pub fn header(&self) -> String {
         let workload_key = format!("k8s.{}.name", self.workload_type);
         [
@@ -340,6 +377,20 @@ mod tests {
             sparse.header(),
             "k8s.namespace.name=shop,service.version=latest"
         );
+    }
+
+    #[test]
+    fn baggage_reads_back_what_it_writes_and_ignores_the_rest() {
+        let header = "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.cronjob.name=report,\
+                      service.name=report,service.version=v2,cloud.region=eu-west,\
+                      cloud.availability_zone=eu-west-1a";
+        let b = Baggage::parse(header);
+        assert_eq!(b.header(), header);
+        assert_eq!((b.workload_type, b.workload), ("cronjob", "report"));
+        let odd = Baggage::parse(" k8s.pod.name = a1 ;prop=x, userId=7,k8s..name=z,novalue,=v");
+        assert_eq!((odd.workload_type, odd.workload), ("pod", "a1"));
+        assert_eq!(odd.header(), "k8s.pod.name=a1");
+        assert!(Baggage::parse("").header().is_empty());
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub struct Caller<'a> {
     /// the destination's, the transport peer is that network's gateway, not the client: the
     /// source workload is not looked up by the peer's address.
     pub origin_network: Option<&'a str>,
+    /// The source's metadata as the client sent it (`baggage`): names the source in metrics
+    /// when it came through a gateway.
+    pub baggage: Option<&'a str>,
 }
 
 impl Caller<'_> {
@@ -91,6 +94,7 @@ impl Caller<'_> {
             dest: wire::Authority::Addr(dest),
             arrived_on: dest.ip(),
             origin_network: None,
+            baggage: None,
         }
     }
 }
@@ -150,9 +154,18 @@ impl InboundDoor {
         let via_gateway = caller
             .origin_network
             .is_some_and(|n| dst.as_ref().is_none_or(|d| d.network != n));
-        // A client that is not behind a gateway is on the destination's network.
+        // A client that is not behind a gateway is on the destination's network; one behind a
+        // gateway is known only by what its baggage says (as ztunnel does).
         let src = match (&dst, via_gateway) {
-            (_, true) => None,
+            (_, true) => caller
+                .baggage
+                .zip(caller.origin_network)
+                .map(|(b, network)| {
+                    Arc::new(crate::state::Workload::described_by(
+                        &wire::Baggage::parse(b),
+                        network,
+                    ))
+                }),
             (Some(d), false) => snap.workload_on(&d.network, client_ip).cloned(),
             (None, false) => snap.workload_by_ip(client_ip).cloned(),
         };

@@ -74,6 +74,7 @@ impl Inbound {
             dest,
             arrived_on: wire::canonical(peer.local.ip()),
             origin_network: wire::origin_network(&req),
+            baggage: wire::baggage(&req),
         };
         let (mut guard, admitted) = self.door.admit(caller).await;
         let Admitted { upstream, tracked } = match admitted {

@@ -112,6 +112,26 @@ impl Workload {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
 
+    /// A workload as its HBONE baggage describes it, on `network`: what the destination knows
+    /// of a source that reached it through a gateway (and so cannot be looked up by address).
+    /// For metrics and logs only; it proves nothing.
+    pub fn described_by(b: &crate::hbone::wire::Baggage<'_>, network: &str) -> Workload {
+        Workload {
+            namespace: b.namespace.to_owned(),
+            network: network.to_owned(),
+            cluster_id: b.cluster.to_owned(),
+            canonical_name: b.service.to_owned(),
+            canonical_revision: b.version.to_owned(),
+            workload_name: b.workload.to_owned(),
+            workload_type: b.workload_type.to_owned(),
+            locality: Locality {
+                region: b.region.to_owned(),
+                zone: b.zone.to_owned(),
+            },
+            ..Workload::default()
+        }
+    }
+
     /// The `app` of Istio's metrics labels: canonical name, else the workload name.
     pub fn app(&self) -> &str {
         if !self.canonical_name.is_empty() {
