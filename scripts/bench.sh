@@ -391,7 +391,7 @@ measure_idle() { # run mode
     wait "$hp" || rc=$?
     forget "$hp"
     [ "$rc" -eq 0 ] || { cat "$work/hold.err" >&2; return 1; }
-    # Allocators give freed memory back lazily (weft every 10 s): measure what stays after that.
+    # Allocators give freed memory back lazily (weft trims every 5 s and closes spare pooled connections after 5 s unused): measure what stays after that.
     sleep 12
     for node in a b; do
         if [ -n "${tpid[$node]:-}" ]; then

@@ -46,6 +46,15 @@ fn with_limits(node: &str, limits: Limits) -> Settings {
     }
 }
 
+/// A `limit reached` line names `limit` and who reached it (`who` is part of its address).
+fn assert_logged(logs: &LogBuffer, limit: &str, who: &str) {
+    let lines = logs.lines_with("limit reached");
+    assert!(
+        lines.iter().any(|l| l.contains(limit) && l.contains(who)),
+        "{limit} reached by {who} is not logged: {lines:?}"
+    );
+}
+
 async fn reached(node: &Node, limit: &str) -> f64 {
     metric(
         &scrape(node.metrics_addr).await,
@@ -116,12 +125,7 @@ async fn streams_per_connection_are_advertised_held_to_and_counted() {
         "a ninth stream was served while eight were open"
     );
     assert_eq!(reached(&f.node, "streams_per_connection").await, 1.0);
-    assert!(
-        logs.lines_with("limit reached")
-            .iter()
-            .any(|l| l.contains("streams_per_connection")),
-        "the limit is logged"
-    );
+    assert_logged(&logs, "streams_per_connection", "127.");
     // Another connection is served meanwhile.
     echo_through(&client(&f).await, f.echo, b"a second connection").await;
     // One stream ends; the ninth gets its place.
@@ -153,12 +157,7 @@ async fn oversized_header_lists_get_431_and_the_connection_carries_on() {
     assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     echo_through(&send, f.echo, b"after 80 KiB of headers").await;
     assert_eq!(reached(&f.node, "header_list").await, 1.0);
-    assert!(
-        logs.lines_with("limit reached")
-            .iter()
-            .any(|l| l.contains("header_list") && l.contains("127.")),
-        "the limit is logged with the peer"
-    );
+    assert_logged(&logs, "header_list", "127.");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,12 +388,7 @@ async fn a_peer_that_does_not_read_holds_no_more_than_its_connections_buffer_bud
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        logs.lines_with("limit reached")
-            .iter()
-            .any(|l| l.contains("buffered_bytes_per_connection")),
-        "the limit is logged"
-    );
+    assert_logged(&logs, "buffered_bytes_per_connection", "127.");
     // Other peers' traffic carries on.
     echo_through(&client(&f).await, f.echo, b"another peer").await;
     // When the peer goes, what was queued for it is given back.

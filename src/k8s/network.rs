@@ -14,10 +14,10 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service as K8sService;
 
+use crate::state::workload::DEFAULT_HBONE_PORT;
 use crate::state::{GatewayAddress, GatewayDestination};
 
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
-const HBONE_PORT: u16 = 15008;
 const HBONE_PORT_NAME: &str = "tls-hbone";
 
 type Labels = BTreeMap<String, String>;
@@ -104,7 +104,7 @@ fn gateway_of(svc: &K8sService) -> Option<Gateway> {
     let spec = svc.spec.as_ref()?;
     let port = spec.ports.iter().flatten().find_map(|p| {
         let named = p.name.as_deref() == Some(HBONE_PORT_NAME);
-        (p.port == i32::from(HBONE_PORT) || named)
+        (p.port == i32::from(DEFAULT_HBONE_PORT) || named)
             .then(|| u16::try_from(p.port).ok())
             .flatten()
     })?;

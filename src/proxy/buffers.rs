@@ -193,6 +193,14 @@ mod tests {
             .get()
     }
 
+    /// What a waiting reservation got once room was given back.
+    async fn granted_once_freed(waiting: tokio::task::JoinHandle<usize>) -> usize {
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("room given back")
+            .expect("task")
+    }
+
     fn peer(n: u8) -> SocketAddr {
         SocketAddr::from(([10, 250, 0, n], 15008))
     }
@@ -232,11 +240,7 @@ mod tests {
         assert!(!waiting.is_finished(), "the full connection must wait");
         assert_eq!(reached(&m, Limit::BufferedBytesPerConnection), 1);
         drop(held);
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
-            .await
-            .expect("room given back")
-            .expect("task");
-        assert_eq!(got, 10);
+        assert_eq!(granted_once_freed(waiting).await, 10);
     }
 
     #[tokio::test]
@@ -253,11 +257,7 @@ mod tests {
         assert_eq!(reached(&m, Limit::BufferedBytes), 1);
         assert_eq!(m.buffered_bytes.get(), 100);
         drop(first);
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), second)
-            .await
-            .expect("room given back")
-            .expect("task");
-        assert_eq!(got, 100);
+        assert_eq!(granted_once_freed(second).await, 100);
     }
 
     #[tokio::test]

@@ -19,7 +19,9 @@ use tracing::{error, info};
 
 use super::service::{Service, ServiceKey};
 use super::store::{SourceData, StateStore};
-use super::workload::{HealthStatus, Netns, Protocol, Workload};
+use super::workload::{
+    GatewayAddress, GatewayDestination, HealthStatus, Locality, Netns, Protocol, Workload,
+};
 use crate::authz;
 
 /// The name this source has in the state store.
@@ -105,25 +107,25 @@ struct LocalWorkload {
     /// `"<namespace>/<hostname>" → {service port: target port}`.
     #[serde(default)]
     services: HashMap<String, BTreeMap<u16, u16>>,
+    #[serde(default)]
+    waypoint: Option<LocalGateway>,
+    #[serde(default)]
+    network_gateway: Option<LocalGateway>,
+    #[serde(default)]
+    network: String,
+    #[serde(default)]
+    workload_type: String,
+    #[serde(default)]
+    hostname: String,
+    #[serde(default)]
+    locality: LocalLocality,
     // Accepted so ztunnel configs load; weft does not use them (yet).
-    #[serde(default, rename = "waypoint")]
-    _waypoint: Option<IgnoredAny>,
-    #[serde(default, rename = "networkGateway")]
-    _network_gateway: Option<IgnoredAny>,
     #[serde(default, rename = "networkMode")]
     _network_mode: Option<IgnoredAny>,
-    #[serde(default, rename = "network")]
-    _network: Option<IgnoredAny>,
-    #[serde(default, rename = "workloadType")]
-    _workload_type: Option<IgnoredAny>,
-    #[serde(default, rename = "hostname")]
-    _hostname: Option<IgnoredAny>,
     #[serde(default, rename = "nativeTunnel")]
     _native_tunnel: Option<IgnoredAny>,
     #[serde(default, rename = "applicationTunnel")]
     _application_tunnel: Option<IgnoredAny>,
-    #[serde(default, rename = "locality")]
-    _locality: Option<IgnoredAny>,
     #[serde(default, rename = "capacity")]
     _capacity: Option<IgnoredAny>,
     // weft's additions.
@@ -131,6 +133,56 @@ struct LocalWorkload {
     netns: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+}
+
+/// A waypoint or network gateway as ztunnel's local configuration writes it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalGateway {
+    /// `<network>/<ip>` or `<namespace>/<hostname>`.
+    destination: String,
+    #[serde(default)]
+    hbone_mtls_port: u16,
+}
+
+impl LocalGateway {
+    fn parse(self, what: &str) -> Result<GatewayAddress, String> {
+        let Some((scope, name)) = self.destination.split_once('/') else {
+            return Err(format!(
+                "{what} destination {:?} is neither <network>/<ip> nor <namespace>/<hostname>",
+                self.destination
+            ));
+        };
+        let destination = match name.parse::<IpAddr>() {
+            Ok(address) => GatewayDestination::Address {
+                network: scope.to_owned(),
+                address,
+            },
+            Err(_) if !scope.is_empty() && !name.is_empty() => GatewayDestination::Hostname {
+                namespace: scope.to_owned(),
+                hostname: name.to_owned(),
+            },
+            Err(_) => {
+                return Err(format!(
+                    "{what} destination {:?} needs a namespace and a hostname",
+                    self.destination
+                ))
+            }
+        };
+        Ok(GatewayAddress::new(destination, self.hbone_mtls_port))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LocalLocality {
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    /// ztunnel's; weft does not use it.
+    #[serde(default, rename = "subzone")]
+    _subzone: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -148,8 +200,8 @@ struct LocalService {
     endpoints: HashMap<String, LocalEndpoint>,
     #[serde(default)]
     subject_alt_names: Vec<String>,
-    #[serde(default, rename = "waypoint")]
-    _waypoint: Option<IgnoredAny>,
+    #[serde(default)]
+    waypoint: Option<LocalGateway>,
     #[serde(default, rename = "loadBalancer")]
     _load_balancer: Option<IgnoredAny>,
     #[serde(default, rename = "ipFamilies")]
@@ -243,7 +295,8 @@ fn parse_config(
         message,
     };
     let mut data = SourceData::default();
-    let mut seen_ips: HashMap<IpAddr, String> = HashMap::new();
+    // Networks are address spaces: an address may repeat on another network.
+    let mut seen_ips: HashMap<(String, IpAddr), String> = HashMap::new();
     // Workloads are keyed by uid in the store: a second one with the same uid would silently
     // replace the first.
     let mut seen_uids: HashMap<String, u64> = HashMap::new();
@@ -266,7 +319,9 @@ fn parse_config(
             ));
         }
         for ip in &workload.workload_ips {
-            if let Some(other) = seen_ips.insert(*ip, workload.uid.clone()) {
+            if let Some(other) =
+                seen_ips.insert((workload.network.clone(), *ip), workload.uid.clone())
+            {
                 return Err(invalid(
                     line,
                     what,
@@ -308,7 +363,11 @@ fn parse_config(
             subject_alt_names: s.subject_alt_names,
             passthrough: false,
             visibility: Default::default(),
-            waypoint: None,
+            waypoint: s
+                .waypoint
+                .map(|g| g.parse("waypoint"))
+                .transpose()
+                .map_err(|m| invalid(line, what.clone(), m))?,
         });
     }
     for Spanned {
@@ -389,17 +448,22 @@ fn workload(w: LocalWorkload, defaults: &Defaults) -> Result<(Workload, ServiceP
         canonical_name: w.canonical_name,
         canonical_revision: w.canonical_revision,
         workload_name: w.workload_name,
-        // Not read from the file yet (`workloadType`, `locality` are accepted and ignored).
-        workload_type: String::new(),
-        locality: Default::default(),
+        workload_type: w.workload_type,
+        locality: Locality {
+            region: w.locality.region,
+            zone: w.locality.zone,
+        },
         labels: w.labels,
         status: w.status,
         authorization_policies: w.authorization_policies,
         netns,
-        network: String::new(),
-        hostname: String::new(),
-        waypoint: None,
-        network_gateway: None,
+        network: w.network,
+        hostname: w.hostname,
+        waypoint: w.waypoint.map(|g| g.parse("waypoint")).transpose()?,
+        network_gateway: w
+            .network_gateway
+            .map(|g| g.parse("networkGateway"))
+            .transpose()?,
         dns_capture: None,
     };
     Ok((workload, services))
@@ -570,7 +634,7 @@ mod tests {
         }
     }
 
-    /// A local config as ztunnel's own examples and tests write it, fields weft ignores included.
+    /// A local config as ztunnel's own examples and tests write it.
     const ZTUNNEL_SHAPED: &str = r#"
 workloads:
 - uid: cluster1//v1/Pod/default/local
@@ -640,6 +704,60 @@ policies:
     }
 
     #[test]
+    fn networks_gateways_waypoints_type_and_locality_are_read_as_ztunnel_writes_them() {
+        let text = r#"
+workloads:
+- name: remote
+  namespace: shop
+  workloadIps: ["10.9.0.5"]
+  network: west
+  networkGateway: {destination: "west/10.250.2.3", hboneMtlsPort: 15009}
+  workloadType: cronjob
+  locality: {region: eu-west, zone: eu-west-1a, subzone: rack-7}
+- name: same-address-other-network
+  namespace: shop
+  workloadIps: ["10.9.0.5"]
+  waypoint: {destination: "shop/waypoint.shop.svc.cluster.local"}
+services:
+- name: backend
+  namespace: shop
+  hostname: backend.shop.svc.cluster.local
+  waypoint: {destination: "shop/waypoint.shop.svc.cluster.local", hboneMtlsPort: 15008}
+"#;
+        let d = parse(text, Path::new("n.yaml"), &defaults()).unwrap().data;
+        let (remote, local) = (&d.workloads[0], &d.workloads[1]);
+        assert_eq!(remote.network, "west");
+        assert_eq!(
+            remote.network_gateway,
+            Some(GatewayAddress {
+                destination: GatewayDestination::Address {
+                    network: "west".into(),
+                    address: "10.250.2.3".parse().unwrap()
+                },
+                hbone_mtls_port: 15009
+            })
+        );
+        assert_eq!(remote.workload_type, "cronjob");
+        assert_eq!(
+            (
+                remote.locality.region.as_str(),
+                remote.locality.zone.as_str()
+            ),
+            ("eu-west", "eu-west-1a")
+        );
+        let waypoint = GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "shop".into(),
+                hostname: "waypoint.shop.svc.cluster.local".into(),
+            },
+            hbone_mtls_port: 15008,
+        };
+        assert_eq!(local.network, "");
+        assert_eq!(local.waypoint.as_ref(), Some(&waypoint), "no port: 15008");
+        assert_eq!(d.services[0].waypoint, Some(waypoint));
+    }
+
+    #[test]
     fn errors_name_file_and_line() {
         let cases = [
             // (text, line, words the message must contain)
@@ -657,6 +775,8 @@ policies:
                 "uid u is already used by the workload at line 2",
             ),
             ("services:\n- name: s\n  namespace: x\n  hostname: h\n  vips: [\"x/not-an-ip\"]\n", 2, "not-an-ip"),
+            ("workloads:\n- name: a\n  namespace: x\n  waypoint: {destination: \"no-slash\"}\n", 2, "neither"),
+            ("services:\n- name: s\n  namespace: x\n  hostname: h\n  waypoint: {destination: \"/h\"}\n", 2, "needs a namespace"),
             ("workloads: [\n", 0, "weft.yaml"),
         ];
         for (text, line, word) in cases {

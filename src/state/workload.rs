@@ -35,6 +35,23 @@ pub struct GatewayAddress {
     pub hbone_mtls_port: u16,
 }
 
+/// The HBONE port a gateway or waypoint listens on when its configuration names none.
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+
+impl GatewayAddress {
+    /// `hbone_mtls_port` 0 (unset) is [`DEFAULT_HBONE_PORT`].
+    pub fn new(destination: GatewayDestination, hbone_mtls_port: u16) -> Self {
+        GatewayAddress {
+            destination,
+            hbone_mtls_port: if hbone_mtls_port == 0 {
+                DEFAULT_HBONE_PORT
+            } else {
+                hbone_mtls_port
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum GatewayDestination {

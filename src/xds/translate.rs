@@ -14,9 +14,6 @@ use crate::state::{
     ServiceKey, Visibility, Workload,
 };
 
-/// HBONE's port where a gateway address says 0.
-const DEFAULT_HBONE_PORT: u16 = 15008;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{what}: {reason}")]
 pub struct TranslateError {
@@ -85,14 +82,7 @@ fn gateway(
         None => return Err(err(what, "gateway with neither hostname nor address")),
     };
     let hbone = port(g.hbone_mtls_port, what)?;
-    Ok(Some(GatewayAddress {
-        destination,
-        hbone_mtls_port: if hbone == 0 {
-            DEFAULT_HBONE_PORT
-        } else {
-            hbone
-        },
-    }))
+    Ok(Some(GatewayAddress::new(destination, hbone)))
 }
 
 fn workload(w: pb::Workload, d: &Defaults) -> Result<(Workload, EndpointPorts), TranslateError> {
