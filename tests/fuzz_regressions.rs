@@ -58,6 +58,7 @@ fn every_target_is_replayed_here() {
         "zds_request",
         "cni_plugin",
         "cni_wire",
+        "dns_query",
     ];
     let there: Vec<&str> = targets::TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(here.as_slice(), there.as_slice());
@@ -111,4 +112,9 @@ fn cni_plugin() {
 #[test]
 fn cni_wire() {
     replay("cni_wire");
+}
+
+#[test]
+fn dns_query() {
+    replay("dns_query");
 }

@@ -334,3 +334,25 @@ write("connect_validate", "address_v6.bin",
       + ip6("fd000000000000000000000000000002") + struct.pack("<H", 80) + bytes([0]) + TAIL)
 write("connect_validate", "uri_get.bin",
       ADDR + rstr("GET") + bytes([0]) + rstr("http://10.250.1.2:8080/x") + bytes([0]) + TAIL)
+
+
+# --- dns_query: DNS packets as a pod's resolver sends them ------------------------------------
+
+def dns_query(qid, name, qtype, edns=False, rd=True):
+    flags = 0x0100 if rd else 0
+    header = struct.pack(">HHHHHH", qid, flags, 1, 0, 0, 1 if edns else 0)
+    qname = b"".join(bytes([len(l)]) + l.encode() for l in name.strip(".").split(".")) + b"\0"
+    question = qname + struct.pack(">HH", qtype, 1)
+    # OPT record: root name, type 41, UDP size 1232, no extended flags, no options.
+    opt = b"\0" + struct.pack(">HHIH", 41, 1232, 0, 0) if edns else b""
+    return header + question + opt
+
+
+A, AAAA, TXT = 1, 28, 16
+write("dns_query", "fqdn_a.bin", dns_query(0x4242, "backend.shop.svc.cluster.local", A))
+write("dns_query", "short_aaaa.bin", dns_query(7, "backend", AAAA))
+write("dns_query", "search_a.bin", dns_query(8, "backend.shop.svc.cluster.local.shop.svc.cluster.local", A))
+write("dns_query", "other_ns_edns.bin", dns_query(9, "backend.other", A, edns=True))
+write("dns_query", "headless_aaaa.bin", dns_query(10, "headless.shop.svc.cluster.local", AAAA))
+write("dns_query", "wildcard_a.bin", dns_query(11, "x.wild.example", A))
+write("dns_query", "txt_forwarded.bin", dns_query(12, "example.com", TXT, rd=False))

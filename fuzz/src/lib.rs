@@ -48,6 +48,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("zds_request", zds_request),
     ("cni_plugin", cni_plugin),
     ("cni_wire", cni_wire),
+    ("dns_query", dns_query),
 ];
 
 /// Istio's default root namespace, so that a policy there is promoted to mesh-wide.
@@ -601,6 +602,96 @@ pub fn exercise_state(data: SourceData) {
         empty.policies.is_empty(),
         "policies kept after the source emptied"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The DNS proxy.
+
+/// The mesh the DNS target answers from: services with VIPs of both families, one in another
+/// namespace, a wildcard host, and a headless service with endpoints of both families.
+const DNS_STATE: &str = r#"
+workloads:
+- {name: h1, namespace: shop, workloadIps: ["10.250.9.1", "fd00:250::9:1"],
+   services: {"shop/headless.shop.svc.cluster.local": {80: 80}}}
+- {name: h2, namespace: shop, workloadIps: ["10.250.9.2"], status: Unhealthy,
+   services: {"shop/headless.shop.svc.cluster.local": {80: 80}}}
+services:
+- {name: backend, namespace: shop, hostname: backend.shop.svc.cluster.local,
+   vips: ["10.96.0.20", "fd00:96::20"], ports: {80: 8080}}
+- {name: backend, namespace: other, hostname: backend.other.svc.cluster.local,
+   vips: ["10.96.0.30"], ports: {80: 8080}}
+- {name: wild, namespace: shop, hostname: "*.wild.example", vips: ["240.240.0.6"], ports: {80: 80}}
+- {name: headless, namespace: shop, hostname: headless.shop.svc.cluster.local, ports: {80: 80}}
+"#;
+
+/// A DNS packet from a captured pod, decoded as the DNS proxy decodes it (hickory's
+/// `Message::from_vec`) and decided by `weft::dns::answer::lookup` for a pod of `shop` with
+/// Kubernetes' search list. An answer keeps the query's id, names only addresses the state
+/// holds (or a CNAME to a name it holds), and encodes within a UDP response's 512 bytes
+/// (truncated when it must be); SERVFAIL, the answer to a failed forward, is built for any
+/// query.
+pub fn dns_query(data: &[u8]) {
+    use hickory_proto::op::Message as Dns;
+    use hickory_proto::rr::{Name, RData};
+    use weft::dns::answer::{self, Asker, Lookup};
+
+    static SNAPSHOT: std::sync::OnceLock<Arc<weft::state::Snapshot>> = std::sync::OnceLock::new();
+    let snap = SNAPSHOT.get_or_init(|| {
+        let defaults = Defaults {
+            trust_domain: TRUST_DOMAIN.into(),
+            cluster_id: CLUSTER_ID.into(),
+        };
+        let file = local::parse(DNS_STATE, Path::new("dns.yaml"), &defaults)
+            .expect("the DNS target's state parses");
+        let store = StateStore::new(ROOT_NAMESPACE);
+        store.replace_source("fuzz", file.data);
+        store.snapshot()
+    });
+    let Ok(query) = Dns::from_vec(data) else {
+        return;
+    };
+    let name = |s: &str| Name::from_ascii(s).expect("a fixed name");
+    let search = [
+        name("shop.svc.cluster.local."),
+        name("svc.cluster.local."),
+        name("cluster.local."),
+    ];
+    let (svc_domain, cluster_domain) = (name("svc.cluster.local."), name("cluster.local."));
+    let asker = Asker {
+        namespace: "shop",
+        search: &search,
+        svc_domain: &svc_domain,
+        cluster_domain: &cluster_domain,
+    };
+    let _ = answer::query_type(&query);
+    if let Lookup::Answer(reply) = answer::lookup(snap, &asker, &query) {
+        assert_eq!(reply.id(), query.id(), "the answer keeps the query's id");
+        let held: BTreeSet<IpAddr> = snap
+            .services
+            .values()
+            .flat_map(|s| s.vips.iter().copied())
+            .chain(
+                snap.workloads
+                    .values()
+                    .flat_map(|w| w.workload_ips.iter().copied()),
+            )
+            .collect();
+        for record in reply.answers() {
+            match record.data() {
+                RData::A(a) => assert!(held.contains(&IpAddr::V4(a.0)), "answered {a}"),
+                RData::AAAA(a) => assert!(held.contains(&IpAddr::V6(a.0)), "answered {a}"),
+                RData::CNAME(_) => {}
+                other => panic!("answered a record weft never makes: {other:?}"),
+            }
+        }
+        let udp = answer::encode_within(&reply, 512).expect("an answer encodes");
+        assert!(
+            udp.len() <= 512 || reply.queries().len() > 1,
+            "{} bytes",
+            udp.len()
+        );
+    }
+    let _ = answer::encode_within(&answer::servfail(&query), 512);
 }
 
 // ---------------------------------------------------------------------------------------------
