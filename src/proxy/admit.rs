@@ -237,15 +237,16 @@ impl InboundDoor {
         admitted: AdmittedConnection,
         generation: u64,
     ) -> Result<TrackedConnection, Refusal> {
-        let tracked = self.ctx.tracker.track(admitted.clone(), generation);
+        let tracked = self.ctx.tracker.track(admitted, generation);
         let now = self.ctx.state.snapshot();
         if now.generation == generation {
             return Ok(tracked);
         }
+        let facts = tracked.facts();
         let dst = now
-            .workload_by_uid(&admitted.destination_uid)
-            .ok_or(Refusal::UnknownDestination(admitted.destination_ip))?;
-        authorize::check(&now, dst, &admitted).map_err(Refusal::Denied)?;
+            .workload_by_uid(&facts.destination_uid)
+            .ok_or(Refusal::UnknownDestination(facts.destination_ip))?;
+        authorize::check(&now, dst, facts).map_err(Refusal::Denied)?;
         Ok(tracked)
     }
 

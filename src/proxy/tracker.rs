@@ -56,6 +56,11 @@ pub struct TrackedConnection {
 }
 
 impl TrackedConnection {
+    /// What authorization looked at when the connection was admitted.
+    pub fn facts(&self) -> &AdmittedConnection {
+        &self.entry.facts
+    }
+
     /// Resolves when a policy change revoked this connection.
     pub async fn revoked(&self) {
         self.entry.close.notified().await
