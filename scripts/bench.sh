@@ -7,8 +7,9 @@
 #   <kind>    a1 and b1 captured by one tunnel process per node (weft: HBONE between nodes).
 # Figures per mode: iperf3 throughput (1 stream and -P 4, both directions), new connections per
 # second and 1 KiB round-trip latency (weft-bench), and for the tunnel: CPU seconds per GB and
-# per 1000 connections for each tunnel process, RSS idle, under load, and with N idle
-# tunnelled connections. Every figure is repeated --runs times and reported as median and
+# per 1000 connections for each tunnel process, system calls and context switches per MiB and
+# per connection (perf stat, where perf can count the process's tracepoints), RSS idle, under
+# load, and with N idle tunnelled connections. Every figure is repeated --runs times and reported as median and
 # min-max; results.csv, results.json, raw.csv and bench.png go to --results.
 #
 # Another tunnel implementation built for the same topology (one process per node, capturing
@@ -44,6 +45,9 @@ usage: scripts/bench.sh [options]
   --max-load X           refuse to run above this 1-minute load average (default 0.5)
   --force                run even when the machine is busy
   --no-build             do not run cargo build --release
+  --profile DIR          after the first run's figures, profile each tunnel process with
+                         perf record -g under one more single-stream test and connection test;
+                         perf.data files and text summaries go to DIR
 EOF
 }
 
@@ -60,6 +64,7 @@ functions_file=
 max_load=0.5
 force=0
 build=1
+profile_dir=
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) runs=$2; shift 2 ;;
@@ -75,6 +80,7 @@ while [ $# -gt 0 ]; do
         --max-load) max_load=$2; shift 2 ;;
         --force) force=1; shift ;;
         --no-build) build=0; shift ;;
+        --profile) profile_dir=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -88,6 +94,9 @@ if [ "$runs" -lt 1 ] || [ "$iperf_time" -lt 1 ] || [ "$iperf_time" -gt 120 ]; th
 fi
 
 die() { echo "bench.sh: $*" >&2; exit 1; }
+if [ -n "$profile_dir" ] && ! command -v perf >/dev/null 2>&1; then
+    die "--profile needs perf (apt-get install linux-perf)"
+fi
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it creates network namespaces and nftables rules)"
@@ -302,6 +311,46 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 anon_kib() { awk '/^RssAnon:/ { print $2 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.2f", k / 1024 }'; }
 
+# System calls and context switches of a tunnel process, counted by perf stat between
+# count_start and count_stop (SIGINT makes perf print what it counted). Skipped where perf is
+# missing or cannot count the process (no tracefs, perf_event_paranoid).
+can_count=0
+if command -v perf >/dev/null 2>&1 \
+    && perf stat -e raw_syscalls:sys_enter,context-switches -x, -- true >/dev/null 2>&1; then
+    can_count=1
+fi
+declare -A counter_pid=()
+count_start() { # node
+    local p=${tpid[$1]:-}
+    [ "$can_count" -eq 1 ] && [ -n "$p" ] || return 0
+    perf stat -e raw_syscalls:sys_enter,context-switches -x, -p "$p" -o "$work/count-$1.csv" &
+    counter_pid[$1]=$!
+    pids+=("${counter_pid[$1]}")
+}
+# Sets `counted` to "SYSCALLS SWITCHES" counted since count_start (empty if nothing was).
+# Runs in this shell, not a subshell: only the shell that started perf can wait for it.
+counted=
+count_stop() { # node
+    local c=${counter_pid[$1]:-}
+    counted=
+    [ -n "$c" ] || return 0
+    kill -INT "$c" 2>/dev/null || true
+    wait "$c" 2>/dev/null || true
+    forget "$c"
+    counter_pid[$1]=
+    counted=$(awk -F, '$3 == "raw_syscalls:sys_enter" { s = $1 } $3 == "context-switches" { c = $1 }
+        END { if (s != "" && c != "") print s, c }' "$work/count-$1.csv")
+}
+# Records the counts of count_stop per unit of work: per_what is "mib" or "conn".
+record_counts() { # run mode name node per_what amount
+    local sc cs
+    count_stop "$4"
+    [ -n "$counted" ] || return 0
+    read -r sc cs <<<"$counted"
+    record "$1" "$2" "syscalls_per_$5_$3_node-$4" "$(awk -v n="$sc" -v a="$6" 'BEGIN { printf "%.2f", n / a }')" "count/$5"
+    record "$1" "$2" "switches_per_$5_$3_node-$4" "$(awk -v n="$cs" -v a="$6" 'BEGIN { printf "%.2f", n / a }')" "count/$5"
+}
+
 # Prints the values of KEYs from the one JSON object in FILE.
 jget() { # file key...
     python3 - "$@" <<'PY'
@@ -328,6 +377,7 @@ iperf_test() { # run mode name opts...
         p=${tpid[$node]:-}
         if [ -n "$p" ]; then before[$node]=$(cpu_ticks "$p"); fi
     done
+    for node in a b; do count_start "$node"; done
     ip netns exec "$lab-a1" timeout $((iperf_time + 20)) iperf3 -c 10.250.2.2 -p 5201 -t "$iperf_time" -J "$@" >"$out" &
     p=$!
     # Sample the tunnels' RSS while the test runs.
@@ -352,6 +402,7 @@ iperf_test() { # run mode name opts...
             after=$(cpu_ticks "$p")
             record "$run" "$mode" "cpu_per_gb_${name}_node-$node" \
                 "$(awk -v t=$((after - before[$node])) -v c="$clk" -v by="$bytes" 'BEGIN { printf "%.3f", (t / c) / (by / 1e9) }')" s/GB
+            record_counts "$run" "$mode" "$name" "$node" mib "$(awk -v by="$bytes" 'BEGIN { print by / 1048576 }')"
         fi
     done
 }
@@ -419,6 +470,7 @@ measure() { # run mode
 
     for node in a b; do
         if [ -n "${tpid[$node]:-}" ]; then before[$node]=$(cpu_ticks "${tpid[$node]}"); fi
+        count_start "$node"
     done
     pod a1 timeout $((connrate_time + 30)) "$bench_bin" connrate --target 10.250.2.2:7000 \
         --duration "$connrate_time" --concurrency 8 >"$work/connrate.json" 2>"$work/connrate.err" \
@@ -433,6 +485,7 @@ measure() { # run mode
             after=$(cpu_ticks "${tpid[$node]}")
             record "$run" "$mode" "cpu_per_1k_conns_node-$node" \
                 "$(awk -v t=$((after - before[$node])) -v c="$clk" -v n="$n" 'BEGIN { printf "%.3f", (t / c) / (n / 1000) }')" s/1k
+            record_counts "$run" "$mode" connrate "$node" conn "$n"
         fi
     done
 
@@ -443,6 +496,45 @@ measure() { # run mode
     record "$run" "$mode" latency_p50 "$p50" us
     record "$run" "$mode" latency_p99 "$p99" us
 
+}
+
+# perf record -g of both tunnel processes under one more single-stream test and one more
+# connection test (profiled runs are slower, so they give no figures). Writes DIR/TEST-node-N.data
+# and DIR/TEST-node-N.txt: the split between kernel, weft and libraries, then the functions
+# with the most time including their callees.
+profile_tunnel() {
+    local test node p rec=() what
+    mkdir -p "$profile_dir"
+    for test in 1x connrate; do
+        rec=()
+        for node in a b; do
+            p=${tpid[$node]:-}
+            [ -n "$p" ] || continue
+            perf record -F 999 -g -p "$p" -o "$profile_dir/$test-node-$node.data" >/dev/null 2>&1 &
+            rec+=($!)
+            pids+=($!)
+        done
+        sleep 0.5
+        if [ "$test" = 1x ]; then
+            pod a1 timeout $((iperf_time + 20)) iperf3 -c 10.250.2.2 -p 5201 -t "$iperf_time" >/dev/null
+        else
+            pod a1 timeout $((connrate_time + 30)) "$bench_bin" connrate --target 10.250.2.2:7000 \
+                --duration "$connrate_time" --concurrency 8 >/dev/null 2>&1
+        fi
+        for p in "${rec[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; forget "$p"; done
+        for node in a b; do
+            what=$profile_dir/$test-node-$node
+            [ -s "$what.data" ] || continue
+            {
+                echo "# $test, node-$node: where the samples are"
+                perf report -i "$what.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]'
+                echo "# functions, time including callees"
+                perf report -i "$what.data" --children --sort symbol -g none --stdio 2>/dev/null \
+                    | grep -E '^ +[0-9]' | sed -n 1,60p
+            } > "$what.txt"
+        done
+    done
+    echo "  profiles in $profile_dir"
 }
 
 # --- the runs ----------------------------------------------------------------------------------
@@ -473,6 +565,10 @@ for run in $(seq "$runs"); do
             restart_tunnel
         fi
         measure "$run" "$mode"
+        if [ -n "$profile_dir" ] && [ "$run" -eq 1 ] && [ "$mode" != direct ]; then
+            say "profiling $mode"
+            profile_tunnel
+        fi
         stop_tunnel
         stop_all
         bash "$repo/scripts/lab.sh" down "$lab"
