@@ -191,6 +191,10 @@ pub struct Settings {
     /// but all of them reach the endpoint the gateway picked for the first). Off: one inner
     /// connection per client connection, each balanced by the gateway, as ztunnel does.
     pub pool_cross_network: bool,
+    /// The network of this node (ztunnel's `NETWORK`). When set, it is the origin network
+    /// weft names on the inner request of double HBONE, and the network an arriving request
+    /// must name to count as not coming through a gateway. Unset: each pod's own network.
+    pub network: Option<String>,
     /// How long the metric series of a workload that is gone stay exported.
     pub metrics_retention: Duration,
     pub dns: Dns,
@@ -212,6 +216,7 @@ impl Default for Settings {
             node_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             preserve_source_ip: true,
             pool_cross_network: true,
+            network: None,
             metrics_retention: Duration::from_secs(300),
             dns: Dns::default(),
         }
@@ -243,7 +248,15 @@ pub const ISTIO_ENV: &[(&str, &str)] = &[
     ("TERMINATION_GRACE_PERIOD_SECONDS", "WEFT_DRAIN_SECONDS"),
     ("LOG_FORMAT", "WEFT_LOG_FORMAT"),
     ("INPOD_UDS", "WEFT_ZDS_SOCKET"),
+    ("NETWORK", "WEFT_NETWORK"),
 ];
+
+impl Settings {
+    /// The network a pod on this node speaks for: the node's, when set, else the pod's own.
+    pub fn local_network<'a>(&'a self, pod_network: &'a str) -> &'a str {
+        self.network.as_deref().unwrap_or(pod_network)
+    }
+}
 
 /// Prefix of the variables whose rest is sent to istiod as node metadata, as ztunnel does.
 pub const ISTIO_META_PREFIX: &str = "ISTIO_META_";

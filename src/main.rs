@@ -285,6 +285,10 @@ struct RunArgs {
     /// tunnel; false makes one per connection, each balanced by the remote gateway.
     #[arg(long, env = "WEFT_POOL_CROSS_NETWORK", default_value_t = true, action = clap::ArgAction::Set)]
     pool_cross_network: bool,
+    /// The network this node is on, in a multi-network mesh (ztunnel reads it as NETWORK).
+    /// Unset or empty: each pod's own network, from its workload.
+    #[arg(long, env = "WEFT_NETWORK")]
+    network: Option<String>,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
     /// Seconds live connections get to finish on shutdown.
@@ -499,6 +503,7 @@ impl RunArgs {
             node_bind: self.node_bind,
             preserve_source_ip: self.preserve_source_ip,
             pool_cross_network: self.pool_cross_network,
+            network: self.network.clone().filter(|n| !n.is_empty()),
             limits: self.limits.limits(),
             metrics_retention: Duration::from_secs(self.metrics_retention_seconds),
             dns: Dns {

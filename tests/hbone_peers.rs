@@ -44,6 +44,34 @@ async fn independent_client_gets_200_and_echo() {
     echo_through(&send, f.echo, b"independent hello").await;
 }
 
+/// The 200 describes the destination in `baggage`, as ztunnel's answers do: a client that went
+/// through a network's gateway names the endpoint it reached from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_names_the_destination_in_baggage() {
+    let f = fixture().await;
+    let ca = mesh_ca();
+    let send = raw_connect(f.hbone, raw_config(Some((&ca, client_id()))))
+        .await
+        .unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (resp, _stream) = ready.send_request(connect_req(f.echo), false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("answered in time")
+        .expect("an answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let baggage = weft::hbone::wire::response_baggage(&resp).expect("a baggage header");
+    let described = weft::hbone::wire::Baggage::parse(baggage);
+    assert_eq!(described.namespace, "shop", "{baggage}");
+    assert_eq!(described.cluster, "Kubernetes", "{baggage}");
+    // The server of this config has no workload name, canonical service or locality: those
+    // keys are left out, as ztunnel leaves out empty ones.
+    assert_eq!(
+        baggage,
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400_and_unreachable_gets_503() {
     let f = fixture().await;

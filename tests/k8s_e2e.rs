@@ -397,8 +397,18 @@ async fn cross_network(
         "destination_workload=\"b1\"",
         "connection_security_policy=\"mutual_tls\"",
     ];
+    let from_a = [
+        "reporter=\"source\"",
+        "source_workload=\"a1\"",
+        "destination_workload=\"b1\"",
+        "destination_workload_namespace=\"shop\"",
+        "destination_service=\"backend.shop.svc.cluster.local\"",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/backend\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
     // a1 reached b1 directly before: the same series (as in ztunnel), so count from here.
     let opened_before = metric(&scrape(b.metrics_addr).await, OPENED, &through).unwrap_or(0.0);
+    let from_a_before = metric(&scrape(a.metrics_addr).await, OPENED, &from_a).unwrap_or(0.0);
     assert_eq!(lab.send("a1", vip, 80, "across"), Ok("across".into()));
     assert_eq!(
         b1.next_peer(),
@@ -466,18 +476,15 @@ async fn cross_network(
         Some(opened_before + 101.0),
         "{m}"
     );
-    let m = scrape(a.metrics_addr).await;
     // The gateway picks the endpoint: the client knows the service and (all of its endpoints
-    // on west sharing one) the identity, not the workload.
-    let from_a = [
-        "reporter=\"source\"",
-        "source_workload=\"a1\"",
-        "destination_workload=\"unknown\"",
-        "destination_service=\"backend.shop.svc.cluster.local\"",
-        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/backend\"",
-        "connection_security_policy=\"mutual_tls\"",
-    ];
-    assert_eq!(metric(&m, OPENED, &from_a), Some(101.0), "{m}");
+    // on west sharing one) the identity, and names the workload from the `baggage` of the
+    // destination's answer, as ztunnel does.
+    let m = scrape(a.metrics_addr).await;
+    assert_eq!(
+        metric(&m, OPENED, &from_a),
+        Some(from_a_before + 101.0),
+        "{m}"
+    );
     let target: SocketAddr = format!("{vip}:80").parse().unwrap();
     let per_connection = lab.time_connections("a1", target, 300).await;
     println!(

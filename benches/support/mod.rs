@@ -426,7 +426,7 @@ impl FreshTunnel {
             service_host: None,
             origin_network: None,
         };
-        let mut stream = open_stream(&conn, &req).await?;
+        let mut stream = open_stream(&conn, &req).await?.stream;
         let want = request.len() - 3;
         stream.send.send_data(request, true)?;
         let mut got = 0;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -118,20 +118,32 @@ where
     })
 }
 
+/// A CONNECT stream the peer accepted.
+pub struct OpenedStream {
+    pub stream: H2Stream,
+    /// The answer's `baggage`: the far end's description of the workload the stream reached
+    /// (a shared handle on the received header, not a copy).
+    pub baggage: Option<HeaderValue>,
+}
+
 /// Sends CONNECT and waits for the answer; anything but 200 is an error.
 pub async fn open_stream(
     conn: &TunnelConnection,
     req: &ConnectRequest,
-) -> Result<H2Stream, HboneError> {
+) -> Result<OpenedStream, HboneError> {
     let mut ready = conn.sender.clone().ready().await?;
     let (response, send) = ready.send_request(wire::connect_request(req), false)?;
     let response = response.await?;
     if response.status() != StatusCode::OK {
         return Err(HboneError::Refused(response.status()));
     }
-    Ok(H2Stream {
-        send,
-        recv: response.into_body(),
-        buffers: conn.buffers.clone(),
+    let baggage = response.headers().get(wire::BAGGAGE_HEADER).cloned();
+    Ok(OpenedStream {
+        stream: H2Stream {
+            send,
+            recv: response.into_body(),
+            buffers: conn.buffers.clone(),
+        },
+        baggage,
     })
 }

@@ -10,6 +10,9 @@ use http::{HeaderValue, Method, Request, StatusCode};
 /// The header naming the network a double-HBONE connection came from (ztunnel's name); set
 /// on the inner request only, so the destination knows its transport peer is a gateway.
 pub const ORIGIN_NETWORK_HEADER: &str = "x-forwarded-network";
+/// Describes a workload (W3C baggage, the keys ztunnel writes): the source on a request, the
+/// destination on a 200.
+pub const BAGGAGE_HEADER: &str = "baggage";
 
 /// Where a CONNECT asks to go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -115,7 +118,7 @@ pub fn connect_request(req: &ConnectRequest) -> Request<()> {
         h.insert("forwarded", v);
     }
     if let Ok(v) = HeaderValue::from_str(&req.baggage) {
-        h.insert("baggage", v);
+        h.insert(BAGGAGE_HEADER, v);
     }
     if let Ok(v) = HeaderValue::from_str(&traceparent()) {
         h.insert("traceparent", v);
@@ -128,6 +131,22 @@ pub fn connect_request(req: &ConnectRequest) -> Request<()> {
         h.insert(ORIGIN_NETWORK_HEADER, v);
     }
     r
+}
+
+/// The 200 that opens an admitted tunnel. It carries the destination workload's `baggage`, as
+/// ztunnel's answers do, so a client that cannot know which endpoint it reached (through a
+/// network's gateway, which picks one) can name it; a value that is no header text is left out.
+pub fn connect_response(baggage: &str) -> http::Response<()> {
+    let mut r = http::Response::new(());
+    if let Ok(v) = HeaderValue::from_str(baggage) {
+        r.headers_mut().insert(BAGGAGE_HEADER, v);
+    }
+    r
+}
+
+/// The `baggage` of a CONNECT answer, if it has one that is text.
+pub fn response_baggage<B>(resp: &http::Response<B>) -> Option<&str> {
+    resp.headers().get(BAGGAGE_HEADER)?.to_str().ok()
 }
 
 /// Checks an incoming request: CONNECT, and an authority that is either `ip:port` with the
@@ -227,7 +246,7 @@ pub struct Baggage<'a> {
 
 /// The request's `baggage` header, if any.
 pub fn baggage<B>(req: &Request<B>) -> Option<&str> {
-    req.headers().get("baggage")?.to_str().ok()
+    req.headers().get(BAGGAGE_HEADER)?.to_str().ok()
 }
 
 impl<'a> Baggage<'a> {

@@ -53,6 +53,8 @@ pub struct ConnectionGuard {
     entry: AccessLogEntry,
     start: Instant,
     failure: Option<(ResponseFlags, String)>,
+    /// Whether `series` has counted the connection opened.
+    counted: bool,
 }
 
 impl ConnectionGuard {
@@ -66,6 +68,44 @@ impl ConnectionGuard {
             entry,
             start: Instant::now(),
             failure: None,
+            counted: true,
+        }
+    }
+
+    /// A guard for a connection whose destination is named only once it is connected
+    /// (through a network's gateway, by the answer's `baggage`): it counts the connection
+    /// opened at [`ConnectionGuard::confirm`], or at its end if it never got that far, under
+    /// the labels it has by then, so its opened and closed counts stay in one series.
+    pub fn pending(metrics: Arc<Metrics>, labels: ConnLabels, entry: AccessLogEntry) -> Self {
+        let series = metrics.series(labels);
+        metrics.live_connections.inc();
+        ConnectionGuard {
+            metrics,
+            series,
+            entry,
+            start: Instant::now(),
+            failure: None,
+            counted: false,
+        }
+    }
+
+    pub fn labels(&self) -> &ConnLabels {
+        &self.series.labels
+    }
+
+    /// New labels for a pending guard (ignored once it has counted the connection opened).
+    pub fn relabel(&mut self, labels: ConnLabels) {
+        if !self.counted {
+            self.series = self.metrics.series(labels);
+        }
+    }
+
+    /// Counts a pending guard's connection opened; call before relaying its bytes, which go
+    /// to the series of the labels it has now.
+    pub fn confirm(&mut self) {
+        if !self.counted {
+            self.series.opened.inc();
+            self.counted = true;
         }
     }
 
@@ -97,6 +137,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        self.confirm();
         self.entry.duration = self.start.elapsed();
         self.metrics.live_connections.dec();
         match self.failure.take() {
@@ -114,5 +155,66 @@ impl Drop for ConnectionGuard {
             }
         }
         access_log::emit(&self.entry, &self.series.labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::access_log::Direction;
+    use crate::metrics::labels::{Peers, Reporter};
+    use crate::state::Workload;
+
+    fn opened_lines(m: &Metrics) -> Vec<String> {
+        let text = m.encode(false).expect("encodes");
+        text.lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{") && !l.ends_with(" 0"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_pending_connection_is_counted_once_under_the_labels_it_ends_up_with() {
+        let m = Arc::new(Metrics::new());
+        let none = Peers {
+            source: None,
+            source_identity: None,
+            destination: None,
+            destination_identity: None,
+            destination_service: None,
+        };
+        let labels = ConnLabels::new(Reporter::source, &none, true);
+        let addr = "10.250.1.2:1000".parse().expect("address");
+        let entry = || AccessLogEntry::new(Direction::Outbound, addr, addr);
+
+        let mut g = ConnectionGuard::pending(m.clone(), labels.clone(), entry());
+        assert!(opened_lines(&m).is_empty(), "not counted before confirm");
+        let b1 = Workload {
+            workload_name: "b1".into(),
+            namespace: "shop".into(),
+            ..Workload::default()
+        };
+        g.relabel(g.labels().with_destination(&b1));
+        g.confirm();
+        g.relabel(labels.clone()); // too late: ignored
+        drop(g);
+        let lines = opened_lines(&m);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("destination_workload=\"b1\""),
+            "{lines:?}"
+        );
+        assert!(lines[0].ends_with(" 1"), "{lines:?}");
+
+        // Never confirmed (it failed before the answer): counted at its end, as it was.
+        drop(ConnectionGuard::pending(m.clone(), labels, entry()));
+        let lines = opened_lines(&m);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("destination_workload=\"unknown\"") && l.ends_with(" 1")),
+            "{lines:?}"
+        );
     }
 }

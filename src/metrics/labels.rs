@@ -143,6 +143,22 @@ impl ConnLabels {
             },
         }
     }
+
+    /// The same labels with the destination workload's fields taken from `dst` (one known
+    /// only by its description, e.g. from `baggage`), as [`ConnLabels::new`] derives them.
+    pub fn with_destination(&self, dst: &Workload) -> Self {
+        let wl = |f: fn(&Workload) -> &str| or_unknown(f(dst));
+        ConnLabels {
+            destination_workload: wl(|w| w.workload_name_or_name()),
+            destination_canonical_service: wl(|w| w.app()),
+            destination_canonical_revision: wl(|w| revision(w)),
+            destination_workload_namespace: wl(|w| &w.namespace),
+            destination_app: wl(|w| w.app()),
+            destination_version: wl(|w| revision(w)),
+            destination_cluster: wl(|w| &w.cluster_id),
+            ..self.clone()
+        }
+    }
 }
 
 fn revision(w: &Workload) -> &str {

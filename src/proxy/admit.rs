@@ -135,6 +135,15 @@ fn app_address(
 pub struct Admitted {
     pub upstream: TcpStream,
     pub tracked: TrackedConnection,
+    /// The pod the connection was admitted to.
+    pub destination: Arc<crate::state::Workload>,
+}
+
+/// Whether a request came through a network's gateway: it names an origin network, and that is
+/// not the local one (compared as ztunnel does, ignoring ASCII case). With no local network
+/// known (an unknown destination), any named origin counts as another network.
+fn through_gateway(origin: Option<&str>, local: Option<&str>) -> bool {
+    origin.is_some_and(|o| local.is_none_or(|l| !o.eq_ignore_ascii_case(l)))
 }
 
 /// The inbound door of one pod (its HBONE and plaintext listeners share it).
@@ -151,9 +160,12 @@ impl InboundDoor {
         let client_ip = wire::canonical(caller.peer.ip());
         let snap = self.ctx.state.snapshot();
         let dst = snap.workload_by_ip(caller.arrived_on).cloned();
-        let via_gateway = caller
-            .origin_network
-            .is_some_and(|n| dst.as_ref().is_none_or(|d| d.network != n));
+        let local_network = match (&self.ctx.settings.network, &dst) {
+            (Some(node), _) => Some(node.as_str()),
+            (None, Some(d)) => Some(d.network.as_str()),
+            (None, None) => None,
+        };
+        let via_gateway = through_gateway(caller.origin_network, local_network);
         // A client that is not behind a gateway is on the destination's network; one behind a
         // gateway is known only by what its baggage says (as ztunnel does).
         let src = match (&dst, via_gateway) {
@@ -210,15 +222,17 @@ impl InboundDoor {
                 destination_port: dest.port(),
             };
             authorize::check(&snap, &dst, &admitted).map_err(Refusal::Denied)?;
-            Ok(admitted)
+            Ok((admitted, dst))
         })();
         let decided_on = snap.generation;
         drop(snap);
         let result = match decided {
-            Ok(admitted) => match self.connect(dest, client_ip).await {
-                Ok(upstream) => self
-                    .track(admitted, decided_on)
-                    .map(|tracked| Admitted { upstream, tracked }),
+            Ok((admitted, destination)) => match self.connect(dest, client_ip).await {
+                Ok(upstream) => self.track(admitted, decided_on).map(|tracked| Admitted {
+                    upstream,
+                    tracked,
+                    destination,
+                }),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
@@ -284,5 +298,35 @@ impl InboundDoor {
             }
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::through_gateway;
+    use crate::config::Settings;
+
+    #[test]
+    fn only_a_named_other_network_means_a_gateway() {
+        assert!(
+            !through_gateway(None, Some("west")),
+            "no header: same network"
+        );
+        assert!(!through_gateway(Some("west"), Some("west")));
+        assert!(
+            !through_gateway(Some("WEST"), Some("west")),
+            "case is ignored"
+        );
+        assert!(through_gateway(Some("east"), Some("west")));
+        assert!(through_gateway(Some("east"), None), "unknown destination");
+        assert!(!through_gateway(None, None));
+    }
+
+    #[test]
+    fn the_nodes_network_wins_over_the_pods() {
+        let mut s = Settings::default();
+        assert_eq!(s.local_network("west"), "west");
+        s.network = Some("east".into());
+        assert_eq!(s.local_network("west"), "east");
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Request, Response};
+use http::Request;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -77,14 +77,21 @@ impl Inbound {
             baggage: wire::baggage(&req),
         };
         let (mut guard, admitted) = self.door.admit(caller).await;
-        let Admitted { upstream, tracked } = match admitted {
+        let Admitted {
+            upstream,
+            tracked,
+            destination,
+        } = match admitted {
             Ok(a) => a,
             Err(refusal) => {
                 reply(&mut respond, refusal.status());
                 return None;
             }
         };
-        let send = match respond.send_response(Response::new(()), false) {
+        let send = match respond.send_response(
+            wire::connect_response(&destination.baggage().header()),
+            false,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "client went away before the tunnel opened");

@@ -23,7 +23,10 @@ impl InboundPlain {
         let caller = Caller::to_addr(peer, original_dst);
         // Boxed for the reason given in `Outbound::handle`: only relaying state stays.
         let (mut guard, admitted) = Box::pin(self.door.admit(caller)).await;
-        let Ok(Admitted { upstream, tracked }) = admitted else {
+        let Ok(Admitted {
+            upstream, tracked, ..
+        }) = admitted
+        else {
             return;
         };
         let counters = guard.counters().clone();

@@ -12,10 +12,10 @@ use super::relay::{self, TcpSide};
 use super::route::{decide, Decision, Route, RouteError, Transport, Unresolved};
 use super::socket::{self, SocketFactory};
 use super::ProxyContext;
-use crate::hbone::client::{self, open_stream, TunnelConnection};
+use crate::hbone::client::{self, open_stream, OpenedStream, TunnelConnection};
 use crate::hbone::pool::{Lease, Pool, PoolError, PoolKey, TunnelTarget};
 use crate::hbone::stream_io::StreamIo;
-use crate::hbone::wire::ConnectRequest;
+use crate::hbone::wire::{self, ConnectRequest};
 use crate::hbone::{H2Stream, HboneError};
 use crate::identity::{Identity, CERTIFICATE_WAIT};
 use crate::metrics::access_log::{AccessLogEntry, Direction};
@@ -147,7 +147,20 @@ impl Outbound {
         );
         let mut entry = AccessLogEntry::new(Direction::Outbound, client_addr, original_dst);
         entry.protocol = if mtls { "HBONE" } else { "TCP" };
-        let mut guard = ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry);
+        // Through a gateway the destination is named by the inner answer (the gateway picks the
+        // endpoint): the connection is counted opened once that answer is in.
+        let via_gateway = matches!(
+            &route,
+            Ok(Route {
+                transport: Transport::ViaGateway { .. },
+                ..
+            })
+        );
+        let mut guard = if via_gateway {
+            ConnectionGuard::pending(self.ctx.metrics.clone(), labels, entry)
+        } else {
+            ConnectionGuard::open(self.ctx.metrics.clone(), labels, entry)
+        };
 
         let route = match route {
             Ok(r) => r,
@@ -186,7 +199,7 @@ impl Outbound {
                 let dial = self.dialer(&source, src_identity);
                 let connect = || dial.clone().direct(tunnel, identities.clone());
                 match stream_on(&self.ctx.pool, &key, connect, &request).await {
-                    Ok((lease, stream)) => Upstream::Tunnel(lease, stream),
+                    Ok((lease, opened)) => Upstream::Tunnel(lease, opened.stream),
                     Err(e) => {
                         guard.fail(ResponseFlags::Connect, e);
                         return None;
@@ -206,7 +219,9 @@ impl Outbound {
                 // The inner request tells the destination which network it came from, so it
                 // knows its transport peer is the gateway, not the client.
                 let inner = ConnectRequest {
-                    origin_network: Some(source.network.clone()),
+                    origin_network: Some(
+                        self.ctx.settings.local_network(&source.network).to_owned(),
+                    ),
                     ..outer.clone()
                 };
                 let hop = GatewayHop {
@@ -218,7 +233,19 @@ impl Outbound {
                     .through_gateway(&source, src_identity, hop, identities, &inner)
                     .await
                 {
-                    Ok((lease, stream)) => Upstream::Tunnel(lease, stream),
+                    Ok((lease, opened)) => {
+                        if let Some(dst) = opened
+                            .baggage
+                            .as_ref()
+                            .and_then(|b| b.to_str().ok())
+                            .map(|b| Workload::described_by(&wire::Baggage::parse(b), ""))
+                        {
+                            let labels = guard.labels().with_destination(&dst);
+                            guard.relabel(labels);
+                        }
+                        guard.confirm();
+                        Upstream::Tunnel(lease, opened.stream)
+                    }
                     Err(e) => {
                         guard.fail(ResponseFlags::Connect, e);
                         return None;
@@ -288,7 +315,7 @@ impl Outbound {
         hop: GatewayHop,
         identities: Vec<Identity>,
         inner: &ConnectRequest,
-    ) -> Result<(Lease, H2Stream), PoolError> {
+    ) -> Result<(Lease, OpenedStream), PoolError> {
         let key = PoolKey {
             source: src_identity.clone(),
             source_ip: pool_source_ip(&source.workload_ips, hop.gateway),
@@ -305,10 +332,10 @@ impl Outbound {
             // Unpooled (ztunnel's way): a fresh inner connection per client connection, so the
             // gateway balances each one; it lives as long as its one stream.
             let conn = connect().await.map_err(|e| PoolError(Arc::new(e)))?;
-            let stream = open_stream(&conn, inner)
+            let opened = open_stream(&conn, inner)
                 .await
                 .map_err(|e| PoolError(Arc::new(e)))?;
-            return Ok((Lease::unpooled(conn), stream));
+            return Ok((Lease::unpooled(conn), opened));
         }
         stream_on(&self.ctx.pool, &key, connect, inner).await
     }
@@ -375,14 +402,14 @@ impl Dialer {
             target: TunnelTarget::Direct(hop.gateway),
         };
         let outer_connect = || self.clone().direct(hop.gateway, hop.identities.clone());
-        let (lease, stream) = stream_on(&self.ctx.pool, &outer_key, outer_connect, &hop.request)
+        let (lease, outer) = stream_on(&self.ctx.pool, &outer_key, outer_connect, &hop.request)
             .await
             .map_err(|e| HboneError::Gateway(e.0))?;
         let config = self
             .ctx
             .tls
             .client_config(self.source.clone(), identities)?;
-        let io = StreamIo::new(stream, Some(lease));
+        let io = StreamIo::new(outer.stream, Some(lease));
         let limits = &self.ctx.settings.limits;
         let conn = client::handshake_over(
             io,
@@ -406,14 +433,14 @@ async fn stream_on<F, Fut>(
     key: &PoolKey,
     connect: F,
     request: &ConnectRequest,
-) -> Result<(Lease, H2Stream), PoolError>
+) -> Result<(Lease, OpenedStream), PoolError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<TunnelConnection, HboneError>> + Send + 'static,
 {
     let lease = pool.checkout(key, &connect).await?;
     match open_stream(lease.connection(), request).await {
-        Ok(stream) => return Ok((lease, stream)),
+        Ok(opened) => return Ok((lease, opened)),
         Err(HboneError::H2(e)) => {
             debug!(target = ?key.target, error = %e, "pooled tunnel connection failed; retrying on a new one");
             pool.discard(&lease);
@@ -421,10 +448,10 @@ where
         Err(e) => return Err(PoolError(Arc::new(e))),
     }
     let lease = pool.checkout(key, &connect).await?;
-    let stream = open_stream(lease.connection(), request)
+    let opened = open_stream(lease.connection(), request)
         .await
         .map_err(|e| PoolError(Arc::new(e)))?;
-    Ok((lease, stream))
+    Ok((lease, opened))
 }
 
 /// A TCP connect that gives up after `after`.
