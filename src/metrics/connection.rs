@@ -58,18 +58,11 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
+    /// A guard for a connection counted opened now, under `labels`.
     pub fn open(metrics: Arc<Metrics>, labels: ConnLabels, entry: AccessLogEntry) -> Self {
-        let series = metrics.series(labels);
-        series.opened.inc();
-        metrics.live_connections.inc();
-        ConnectionGuard {
-            metrics,
-            series,
-            entry,
-            start: Instant::now(),
-            failure: None,
-            counted: true,
-        }
+        let mut guard = Self::pending(metrics, labels, entry);
+        guard.confirm();
+        guard
     }
 
     /// A guard for a connection whose destination is named only once it is connected
