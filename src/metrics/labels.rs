@@ -110,7 +110,7 @@ impl ConnLabels {
         let id = |i: Option<&Identity>| i.map_or_else(|| UNKNOWN.to_string(), |i| i.to_string());
         let (src, dst) = (peers.source, peers.destination);
         let svc = peers.destination_service;
-        ConnLabels {
+        let mut labels = ConnLabels {
             reporter,
             source_workload: wl(src, |w| w.workload_name_or_name()),
             source_canonical_service: wl(src, |w| w.app()),
@@ -126,14 +126,15 @@ impl ConnLabels {
                 .map_or_else(|| UNKNOWN.to_string(), |s| or_unknown(&s.namespace)),
             destination_service_name: svc
                 .map_or_else(|| UNKNOWN.to_string(), |s| or_unknown(&s.name)),
-            destination_workload: wl(dst, |w| w.workload_name_or_name()),
-            destination_canonical_service: wl(dst, |w| w.app()),
-            destination_canonical_revision: wl(dst, |w| revision(w)),
-            destination_workload_namespace: wl(dst, |w| &w.namespace),
+            // Filled in below, in the one place that derives them.
+            destination_workload: String::new(),
+            destination_canonical_service: String::new(),
+            destination_canonical_revision: String::new(),
+            destination_workload_namespace: String::new(),
             destination_principal: id(peers.destination_identity),
-            destination_app: wl(dst, |w| w.app()),
-            destination_version: wl(dst, |w| revision(w)),
-            destination_cluster: wl(dst, |w| &w.cluster_id),
+            destination_app: String::new(),
+            destination_version: String::new(),
+            destination_cluster: String::new(),
             request_protocol: "tcp",
             response_flags: ResponseFlags::None,
             connection_security_policy: if mtls {
@@ -141,23 +142,30 @@ impl ConnLabels {
             } else {
                 SecurityPolicy::unknown
             },
-        }
+        };
+        labels.set_destination(dst);
+        labels
     }
 
     /// The same labels with the destination workload's fields taken from `dst` (one known
-    /// only by its description, e.g. from `baggage`), as [`ConnLabels::new`] derives them.
+    /// only by its description, e.g. from `baggage`).
     pub fn with_destination(&self, dst: &Workload) -> Self {
-        let wl = |f: fn(&Workload) -> &str| or_unknown(f(dst));
-        ConnLabels {
-            destination_workload: wl(|w| w.workload_name_or_name()),
-            destination_canonical_service: wl(|w| w.app()),
-            destination_canonical_revision: wl(|w| revision(w)),
-            destination_workload_namespace: wl(|w| &w.namespace),
-            destination_app: wl(|w| w.app()),
-            destination_version: wl(|w| revision(w)),
-            destination_cluster: wl(|w| &w.cluster_id),
-            ..self.clone()
-        }
+        let mut labels = self.clone();
+        labels.set_destination(Some(dst));
+        labels
+    }
+
+    fn set_destination(&mut self, dst: Option<&Workload>) {
+        let wl = |f: fn(&Workload) -> &str| {
+            dst.map_or_else(|| UNKNOWN.to_string(), |w| or_unknown(f(w)))
+        };
+        self.destination_workload = wl(|w| w.workload_name_or_name());
+        self.destination_canonical_service = wl(|w| w.app());
+        self.destination_canonical_revision = wl(|w| revision(w));
+        self.destination_workload_namespace = wl(|w| &w.namespace);
+        self.destination_app = wl(|w| w.app());
+        self.destination_version = wl(|w| revision(w));
+        self.destination_cluster = wl(|w| &w.cluster_id);
     }
 }
 

@@ -160,11 +160,11 @@ impl InboundDoor {
         let client_ip = wire::canonical(caller.peer.ip());
         let snap = self.ctx.state.snapshot();
         let dst = snap.workload_by_ip(caller.arrived_on).cloned();
-        let local_network = match (&self.ctx.settings.network, &dst) {
-            (Some(node), _) => Some(node.as_str()),
-            (None, Some(d)) => Some(d.network.as_str()),
-            (None, None) => None,
-        };
+        let settings = &self.ctx.settings;
+        let local_network = dst
+            .as_ref()
+            .map(|d| settings.local_network(&d.network))
+            .or(settings.network.as_deref());
         let via_gateway = through_gateway(caller.origin_network, local_network);
         // A client that is not behind a gateway is on the destination's network; one behind a
         // gateway is known only by what its baggage says (as ztunnel does).
