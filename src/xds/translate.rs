@@ -292,6 +292,47 @@ mod tests {
     }
 
     #[test]
+    fn network_and_network_gateway_are_kept_for_routing() {
+        let mut p = pod();
+        p.network = "west".into();
+        p.network_gateway = Some(pb::GatewayAddress {
+            destination: Some(pb::gateway_address::Destination::Address(
+                pb::NetworkAddress {
+                    network: "west".into(),
+                    address: vec![10, 250, 2, 3],
+                    length: None,
+                },
+            )),
+            hbone_mtls_port: 15009,
+        });
+        let (w, _) = workload(p, &defaults()).expect("valid");
+        assert_eq!(w.network, "west");
+        let gw = w.network_gateway.expect("a gateway");
+        assert_eq!(
+            gw.destination,
+            GatewayDestination::Address {
+                network: "west".into(),
+                address: "10.250.2.3".parse().unwrap(),
+            }
+        );
+        assert_eq!(gw.hbone_mtls_port, 15009);
+        // A gateway address that is no address is refused by field.
+        let mut bad = pod();
+        bad.network_gateway = Some(pb::GatewayAddress {
+            destination: Some(pb::gateway_address::Destination::Address(
+                pb::NetworkAddress {
+                    network: "west".into(),
+                    address: vec![10, 250],
+                    length: None,
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
+        let e = workload(bad, &defaults()).unwrap_err();
+        assert!(e.to_string().contains("networkGateway"), "{e}");
+    }
+
+    #[test]
     fn workload_type_and_locality_are_kept_for_the_baggage() {
         let a = |w: pb::Workload| pb::Address {
             r#type: Some(pb::address::Type::Workload(w)),
