@@ -72,10 +72,12 @@ async fn server_access_log_names_the_client_identity() {
     assert_eq!(served.await.unwrap(), b"hello");
 
     let needle = format!("dst.addr={echo}");
-    eventually("inbound access log line", || {
-        logs.lines_with(&needle)
+    // Each side writes its line when its own relay has ended: wait for both.
+    eventually("inbound and outbound access log lines", || {
+        let lines = logs.lines_with(&needle);
+        ["direction=\"inbound\"", "direction=\"outbound\""]
             .iter()
-            .any(|l| l.contains("direction=\"inbound\""))
+            .all(|d| lines.iter().any(|l| l.contains(d)))
     })
     .await;
     let lines = logs.lines_with(&needle);
